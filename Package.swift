@@ -1,0 +1,74 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "quiesce",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "quiesce", targets: ["quiesce"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // System libraries, linked from the Debian -dev packages through pkg-config.
+        .systemLibrary(name: "CSQLite", path: "Sources/CSQLite", pkgConfig: "sqlite3",
+                       providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(name: "CLibPQ", path: "Sources/CLibPQ", pkgConfig: "libpq",
+                       providers: [.apt(["libpq-dev"])]),
+        // ioctls Swift cannot call directly (variadic ioctl): FIFREEZE, FITHAW, FICLONE, FIEMAP.
+        .target(name: "CQuiesceSys", path: "Sources/CQuiesceSys"),
+
+        // The contract: Writer, SnapshotProvider, the checkpoint model and the coordinator.
+        .target(name: "QuiesceCore", dependencies: [
+            "CQuiesceSys",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // A small SQLite connection over the system libsqlite3, shared by the catalog and the sqlite writer.
+        .target(name: "QuiesceSQLite", dependencies: ["CSQLite"]),
+        // quiesce.toml, writers.d/ drop-ins and their validation.
+        .target(name: "QuiesceConfig", dependencies: ["QuiesceCore"]),
+        // The checkpoint catalog (SQLite).
+        .target(name: "QuiesceCatalog", dependencies: ["QuiesceCore", "QuiesceSQLite"]),
+        // The watchdog process that holds the thaw duty.
+        .target(name: "QuiesceGuard", dependencies: [
+            "QuiesceCore", "CQuiesceSys",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        // Writers: one folder each, same shape.
+        .target(name: "ExecWriter", dependencies: ["QuiesceCore", "QuiesceConfig"], path: "Sources/Writers/Exec"),
+        .target(name: "SQLiteWriter", dependencies: ["QuiesceCore", "QuiesceConfig", "QuiesceSQLite"],
+                path: "Sources/Writers/SQLite"),
+
+        // Snapshot providers.
+        .target(name: "ReflinkProvider", dependencies: ["QuiesceCore", "CQuiesceSys"], path: "providers/reflink"),
+
+        // Wiring: registry of writer types and providers, the checkpoint service the CLI calls.
+        .target(name: "Quiesce", dependencies: [
+            "QuiesceCore", "QuiesceConfig", "QuiesceCatalog", "QuiesceGuard",
+            "ExecWriter", "SQLiteWriter", "ReflinkProvider",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The embedded default world: loop devices, XFS datastore, guest filesystem, demo.
+        .target(name: "QuiesceLab", dependencies: [
+            "Quiesce", "QuiesceCore", "QuiesceSQLite",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "quiesce", dependencies: [
+            "Quiesce", "QuiesceLab", "QuiesceGuard",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        // Tests.
+        .target(name: "QuiesceTestSupport", dependencies: ["Quiesce", "QuiesceLab", "QuiesceCore"],
+                path: "Tests/QuiesceTestSupport"),
+        .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore", "QuiesceTestSupport", "Quiesce"]),
+        .testTarget(name: "QuiesceConfigTests", dependencies: ["QuiesceConfig", "Quiesce", "QuiesceTestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: [
+            "Quiesce", "QuiesceLab", "QuiesceTestSupport", "QuiesceSQLite", "ReflinkProvider", "QuiesceCatalog",
+        ]),
+    ]
+)

@@ -1,0 +1,45 @@
+#ifndef QUIESCE_SYS_H
+#define QUIESCE_SYS_H
+
+#include <stdint.h>
+
+/* Thin wrappers around ioctls that Swift cannot call (ioctl is variadic).
+   Each returns 0 on success or -1 with errno set, like the syscall. */
+
+#include <spawn.h>
+
+/* GNU extensions that Glibc's Swift module does not export. */
+int quiesce_syncfs(int fd);
+int quiesce_pipe_cloexec(int fds[2]);
+int quiesce_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path);
+
+/* FIFREEZE / FITHAW on an open descriptor of a mount point. */
+int quiesce_fifreeze(int fd);
+int quiesce_fithaw(int fd);
+
+/* FICLONE: make dst share all of src's extents (XFS reflink=1, btrfs). */
+int quiesce_ficlone(int dst_fd, int src_fd);
+
+/* One extent as FIEMAP reports it. */
+typedef struct {
+    uint64_t logical;
+    uint64_t physical;
+    uint64_t length;
+    uint32_t flags;
+} quiesce_extent;
+
+/* FIEMAP with FIEMAP_FLAG_SYNC from `start` for `length` bytes.
+   Fills at most `capacity` extents into `out`; returns the count, or -1 with errno.
+   `*last` is set to 1 when the last returned extent carries FIEMAP_EXTENT_LAST. */
+int quiesce_fiemap(int fd, uint64_t start, uint64_t length,
+                   quiesce_extent *out, uint32_t capacity, int *last);
+
+/* FIEMAP extent flags, re-exported for Swift. */
+extern const uint32_t QUIESCE_FIEMAP_EXTENT_LAST;
+extern const uint32_t QUIESCE_FIEMAP_EXTENT_UNKNOWN;
+extern const uint32_t QUIESCE_FIEMAP_EXTENT_DELALLOC;
+extern const uint32_t QUIESCE_FIEMAP_EXTENT_ENCODED;
+extern const uint32_t QUIESCE_FIEMAP_EXTENT_UNWRITTEN;
+extern const uint32_t QUIESCE_FIEMAP_EXTENT_SHARED;
+
+#endif
