@@ -67,6 +67,10 @@ let package = Package(
                 path: "Tests/QuiesceTestSupport"),
         .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore", "QuiesceTestSupport", "Quiesce"]),
         .testTarget(name: "QuiesceConfigTests", dependencies: ["QuiesceConfig", "Quiesce", "QuiesceTestSupport"]),
+        .testTarget(name: "QuiesceCatalogTests", dependencies: ["QuiesceCatalog", "QuiesceTestSupport"]),
+        .testTarget(name: "WriterTests", dependencies: [
+            "ExecWriter", "SQLiteWriter", "QuiesceSQLite", "QuiesceConfig", "QuiesceTestSupport",
+        ]),
         .testTarget(name: "IntegrationTests", dependencies: [
             "Quiesce", "QuiesceLab", "QuiesceTestSupport", "QuiesceSQLite", "ReflinkProvider", "QuiesceCatalog",
         ]),
