@@ -18,6 +18,12 @@ public struct CheckpointResult: Sendable {
     public var error: CoordinatorError?
     /// Writers that failed to thaw after a snapshot that is nevertheless consistent.
     public var thawErrors: [CoordinatorError]
+
+    public init(record: CheckpointRecord, error: CoordinatorError?, thawErrors: [CoordinatorError]) {
+        self.record = record
+        self.error = error
+        self.thawErrors = thawErrors
+    }
 }
 
 /// Runs identify → prepare → freeze → flush-and-hold → snapshot → release → thaw →
@@ -110,7 +116,7 @@ final class CheckpointRun {
         do {
             try await c.journal.begin(record)
         } catch {
-            return finish(error: .providerFailed(phase: .identify, error: ProviderError(
+            return await finish(error: .providerFailed(phase: .identify, error: ProviderError(
                 volume: nil, "cannot record the checkpoint in the catalog: \(error)")), thawErrors: [])
         }
         logger.info("checkpoint started", metadata: ["writers": "\(c.writers.count)", "volumes": "\(c.volumes.count)"])
@@ -270,7 +276,7 @@ final class CheckpointRun {
             }
         }
         record.outcome = .completed
-        return finish(error: nil, thawErrors: thawErrors)
+        return await finish(error: nil, thawErrors: thawErrors)
     }
 
     // MARK: Phases
@@ -404,6 +410,11 @@ final class CheckpointRun {
                 return result
             }
         }
+        // Fault injection for the tests of the guard and the hold limit (docs/architecture.md):
+        // stretch the hold as a slow datastore would.
+        if let pause = ProcessInfo.processInfo.environment["QUIESCE_FAULT_HOLD_PAUSE_MS"].flatMap(UInt32.init) {
+            usleep(pause * 1000)
+        }
         // The capture runs on its own thread so that the hold limit can be enforced here.
         let done = DispatchSemaphore(value: 0)
         let box = CaptureBox()
@@ -448,18 +459,16 @@ final class CheckpointRun {
         record.failedPhase = error.phase
         record.failedWriter = error.writer
         record.error = error.description
-        return finish(error: error, thawErrors: thawErrors)
+        return await finish(error: error, thawErrors: thawErrors)
     }
 
-    func finish(error: CoordinatorError?, thawErrors: [CoordinatorError]) -> CheckpointResult {
+    func finish(error: CoordinatorError?, thawErrors: [CoordinatorError]) async -> CheckpointResult {
         record.endedAt = Date()
         record.writers = c.writers.compactMap { results[$0.name] }
-        let record = self.record
-        let journal = c.journal
-        let logger = self.logger
-        // The catalog write is awaited by the caller through `finishRecorded`.
-        pendingFinish = Task {
-            do { try await journal.finish(record) } catch { logger.error("could not record the checkpoint's end: \(error)") }
+        do {
+            try await c.journal.finish(record)
+        } catch {
+            logger.error("could not record the checkpoint's end: \(error)")
         }
         if error == nil {
             logger.info("checkpoint completed", metadata: [
@@ -469,8 +478,6 @@ final class CheckpointRun {
         }
         return CheckpointResult(record: record, error: error, thawErrors: thawErrors)
     }
-
-    var pendingFinish: Task<Void, Never>?
 
     // MARK: Helpers
 

@@ -44,8 +44,10 @@ public enum SQLiteValue: Sendable, Equatable, CustomStringConvertible {
 /// Calls are serialized by a mutex, so the connection can be shared between tasks;
 /// calls block (busy timeouts), so async code should make them through `runBlocking`.
 public final class SQLiteConnection: Sendable {
-    private let handle: Mutex<OpaquePointer?>
+    let handle: Mutex<OpaquePointer?>
     public let path: String
+    /// What the handlers installed by `limitWaits` read; only changed while `handle` is locked.
+    let waitLimit = Mutex<WaitLimit?>(nil)
 
     public struct OpenMode: Sendable {
         var flags: Int32
@@ -106,6 +108,12 @@ public final class SQLiteConnection: Sendable {
     /// Runs one statement with bound parameters (`?`), returning every row.
     @discardableResult
     public func query(_ sql: String, _ parameters: [SQLiteValue] = []) throws -> [[SQLiteValue]] {
+        try query(sql, parameters, limit: Int.max)
+    }
+
+    /// Runs one statement with bound parameters (`?`), returning at most `limit` rows
+    /// (the statement is not stepped further: a large result costs no more than `limit` rows).
+    public func query(_ sql: String, _ parameters: [SQLiteValue] = [], limit: Int) throws -> [[SQLiteValue]] {
         try handle.withLock { db in
             guard let db else { throw SQLiteError(operation: sql, code: SQLITE_MISUSE, message: "connection closed") }
             var statement: OpaquePointer?
@@ -126,7 +134,7 @@ public final class SQLiteConnection: Sendable {
                 }
             }
             var rows: [[SQLiteValue]] = []
-            while true {
+            while rows.count < limit {
                 rc = sqlite3_step(statement)
                 if rc == SQLITE_DONE { break }
                 guard rc == SQLITE_ROW else {

@@ -1,0 +1,99 @@
+import Foundation
+import QuiesceCore
+
+/// The coordinator's handle on a running `quiesce guard` process.
+public actor GuardProcess: FreezeGuardSession {
+    private let child: ChildProcess
+    private var nextID = 1
+    private var reader = LineReader()
+
+    /// Starts `executable guard` and waits until it says it is ready.
+    public static func start(executable: String) async throws -> GuardProcess {
+        let child = try ChildProcess(executable, ["guard"], stdin: .pipe, stdout: .pipe, stderr: .inherit,
+                                     newProcessGroup: false)
+        let process = GuardProcess(child: child)
+        let line = try await process.readLine(timeout: .seconds(5))
+        guard line == "ready" else {
+            child.signal(SIGKILL, group: false)
+            child.wait()
+            throw GuardError("\(executable) guard did not start (said \(line.debugDescription))")
+        }
+        return process
+    }
+
+    private init(child: ChildProcess) { self.child = child }
+
+    public func arm(_ duty: GuardDuty, deadline: ContinuousClock.Instant) async throws -> GuardDutyID {
+        let id = nextID
+        nextID += 1
+        let seconds = max(0, (deadline - .now).seconds)
+        try send(GuardRequest(op: .arm, id: id, seconds: seconds, duty: duty))
+        let answer = try await readLine(timeout: .seconds(5))
+        guard answer == "ok \(id)" else { throw GuardError("the guard refused a duty: \(answer)") }
+        return GuardDutyID(id)
+    }
+
+    public func disarm(_ id: GuardDutyID) async throws {
+        try send(GuardRequest(op: .disarm, id: id.rawValue))
+        let answer = try await readLine(timeout: .seconds(5))
+        guard answer == "ok \(id.rawValue)" else { throw GuardError("the guard did not confirm disarming: \(answer)") }
+    }
+
+    public func close() async {
+        try? send(GuardRequest(op: .close))
+        child.closeStdin()
+        let child = self.child
+        _ = try? await runBlocking { child.wait() }
+    }
+
+    private func send(_ request: GuardRequest) throws {
+        var data = try JSONEncoder().encode(request)
+        data.append(UInt8(ascii: "\n"))
+        let fd = child.stdinFD
+        let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == data.count else { throw GuardError("the guard is gone (write: \(String(cString: strerror(errno))))") }
+    }
+
+    private func readLine(timeout: Duration) async throws -> String {
+        let fd = child.stdoutFD
+        let reader = self.reader
+        let (line, updated) = try await runBlocking { () throws -> (String, LineReader) in
+            var local = reader
+            let line = try local.next(fd: fd, timeout: timeout)
+            return (line, local)
+        }
+        self.reader = updated
+        return line
+    }
+}
+
+/// Reads `\n`-terminated lines from a descriptor with a timeout.
+struct LineReader: Sendable {
+    var buffer: [UInt8] = []
+
+    mutating func next(fd: Int32, timeout: Duration) throws -> String {
+        let deadline = ContinuousClock.now + timeout
+        var chunk = [UInt8](repeating: 0, count: 512)
+        while true {
+            if let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = String(decoding: buffer[..<newline], as: UTF8.self)
+                buffer.removeSubrange(...newline)
+                return line
+            }
+            let left = deadline - .now
+            guard left > .zero else { throw GuardError("the guard did not answer within \(formatDuration(timeout))") }
+            var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&descriptor, 1, Int32(left.milliseconds) + 1)
+            if ready <= 0 { continue }
+            let n = read(fd, &chunk, chunk.count)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw GuardError("the guard exited unexpectedly") }
+            buffer += chunk[0..<n]
+        }
+    }
+}
+
+public struct GuardError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+    init(_ description: String) { self.description = description }
+}
