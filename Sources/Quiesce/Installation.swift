@@ -156,7 +156,7 @@ public struct Installation: Sendable {
         let lock = try CheckpointLock.acquire(catalogPath: configuration.catalog, holder: "quiesce checkpoints prune")
         defer { lock.release() }
         let catalog = try openCatalog()
-        var report = PruneReport(deleted: [], keptForTargets: catalog.holds().map(\.checkpointID))
+        var report = PruneReport(deleted: [], keptForTargets: try catalog.holds().map(\.checkpointID))
         for record in try catalog.pruneCandidates(keep: keep) {
             for snapshot in record.snapshots {
                 let provider = configuration.volumes.first { $0.name == snapshot.volume }

@@ -114,6 +114,11 @@ public final class CheckpointLock: Sendable {
             if held.pid != nil || attempt == 19 { break }
             usleep(10_000)
         }
+        // Words left by a holder that died: the process holding the lock now is not a quiesce
+        // that wrote the file (e.g. an operator's `flock`).
+        if let pid = held.pid, kill(pid, 0) != 0, errno == ESRCH {
+            return Held(lockPath: path)
+        }
         return held
     }
 }

@@ -283,6 +283,8 @@ private struct Section {
         case .string(let text):
             guard let value = parseDuration(text) else { throw error(key, "\(expected), found \"\(text)\"") }
             return value
+        case .float(let seconds) where seconds.isFinite:
+            throw error(key, "\(expected), found \(seconds) (write \"\(seconds)s\")")
         default:
             throw error(key, "\(expected), found \(entry.value.typeName)")
         }

@@ -105,7 +105,7 @@ public struct WriterDirectory: Sendable {
         let spec = try Self.parseSpec(text: text, file: source)
         let name = spec.name!
         let nameLine = spec.table["name"]?.line
-        let target = file(named: "\(name).toml")
+        let target = child("\(name).toml")
 
         for file in try dropInFiles() {
             if let other = try? Self.parseSpec(file: file) {
@@ -130,10 +130,10 @@ public struct WriterDirectory: Sendable {
         let files = try dropInFiles()
         let defining = files.filter { (try? Self.parseSpec(file: $0))?.name == name }
         guard defining.count <= 1 else {
-            throw ConfigError(file: path, key: name, "writer \"\(name)\" is defined by several files: "
+            throw ConfigError(file: path, "writer \"\(name)\" is defined by several files: "
                 + defining.joined(separator: ", ") + " (remove the one you mean by hand)")
         }
-        guard let file = defining.first ?? files.first(where: { $0 == file(named: "\(name).toml") }) else {
+        guard let file = defining.first ?? files.first(where: { $0 == child("\(name).toml") }) else {
             throw ConfigError(file: path, "no writer named \"\(name)\" is registered in this directory"
                 + " (`quiesce writers list` shows the registered ones)")
         }
@@ -146,7 +146,7 @@ public struct WriterDirectory: Sendable {
 
     // MARK: Files
 
-    private func file(named name: String) -> String {
+    private func child(_ name: String) -> String {
         (path as NSString).appendingPathComponent(name)
     }
 
@@ -170,7 +170,7 @@ public struct WriterDirectory: Sendable {
         return names
             .filter { !Self.isIgnored(fileName: $0) }
             .sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) }
-            .map(file(named:))
+            .map(child(_:))
     }
 
     /// Refuses what someone other than root (or us) could change: it would run as root.
@@ -195,7 +195,7 @@ public struct WriterDirectory: Sendable {
         let failure = { (what: String, code: Int32) in
             ConfigError(file: target, "cannot install the writer spec: \(what): \(String(cString: strerror(code)))")
         }
-        var template = Array(file(named: ".\((target as NSString).lastPathComponent).XXXXXX").utf8CString)
+        var template = Array(child(".\((target as NSString).lastPathComponent).XXXXXX").utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
         guard fd >= 0 else { throw failure("creating a temporary file in \(path)", errno) }
         let temporary = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }

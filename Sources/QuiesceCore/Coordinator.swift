@@ -84,11 +84,15 @@ struct NoGuardian: FreezeGuardian {
     func disarm(_ id: GuardDutyID) async throws {}
 }
 
+/// The guard acts this long after the coordinator's own limit, so that a healthy coordinator
+/// always undoes its own work first; still well inside "deadline plus one second".
+let guardGrace: Duration = .milliseconds(500)
+
 /// Hands writers' duties to the guard session with the checkpoint's freeze deadline.
 struct WriterGuardian: FreezeGuardian {
     let session: any FreezeGuardSession
     let deadline: ContinuousClock.Instant
-    func arm(_ duty: GuardDuty) async throws -> GuardDutyID { try await session.arm(duty, deadline: deadline) }
+    func arm(_ duty: GuardDuty) async throws -> GuardDutyID { try await session.arm(duty, deadline: deadline + guardGrace) }
     func disarm(_ id: GuardDutyID) async throws { try await session.disarm(id) }
 }
 
@@ -357,14 +361,18 @@ final class CheckpointRun {
         var duties: [GuardDutyID] = []
         for m in mounts {
             do {
-                duties.append(try await session.arm(.thawFilesystem(mount: m.mount), deadline: holdDeadline))
+                duties.append(try await session.arm(.thawFilesystem(mount: m.mount), deadline: holdDeadline + guardGrace))
             } catch {
                 return HoldResult(error: .guardUnavailable("arming the thaw of \(m.mount): \(error)"))
             }
         }
         let groups = providerGroups()
         let id = record.id
+        // Fault injection for the tests of the guard and the hold limit (docs/architecture.md):
+        // a capture as slow as a struggling datastore's.
+        let pause = ProcessInfo.processInfo.environment["QUIESCE_FAULT_HOLD_PAUSE_MS"].flatMap(UInt32.init)
         let capture: @Sendable () throws -> [CapturedSnapshot] = {
+            if let pause { usleep(pause * 1000) }
             var all: [CapturedSnapshot] = []
             for (provider, volumes) in groups {
                 all += try provider.capture(volumes, checkpointID: id)
@@ -386,21 +394,27 @@ final class CheckpointRun {
     /// The hold itself, synchronous and short. Never logs.
     static func holdSequence(_ mounts: [(String, Int32)], limit: Duration,
                              capture: @escaping @Sendable () throws -> [CapturedSnapshot]) -> HoldResult {
-        var result = HoldResult()
         var frozen: [(String, Int32)] = []
-        result.start = .now
-        defer {
-            for (mount, fd) in frozen.reversed() {
-                do {
-                    try FilesystemHold.thaw(fd, mount: mount)
-                } catch {
-                    if result.error == nil {
-                        result.error = .filesystemFailed(phase: .release, mount: mount, message: "\(error)")
-                    }
+        let start = ContinuousClock.now
+        var result = freezeAndCapture(mounts, frozen: &frozen, limit: limit, capture: capture)
+        // Release, always, in reverse.
+        for (mount, fd) in frozen.reversed() {
+            do {
+                try FilesystemHold.thaw(fd, mount: mount)
+            } catch {
+                if result.error == nil {
+                    result.error = .filesystemFailed(phase: .release, mount: mount, message: "\(error)")
                 }
             }
-            result.end = .now
         }
+        result.start = start
+        result.end = .now
+        return result
+    }
+
+    private static func freezeAndCapture(_ mounts: [(String, Int32)], frozen: inout [(String, Int32)], limit: Duration,
+                                         capture: @escaping @Sendable () throws -> [CapturedSnapshot]) -> HoldResult {
+        var result = HoldResult()
         for (mount, fd) in mounts {
             do {
                 try FilesystemHold.freeze(fd, mount: mount)
@@ -409,11 +423,6 @@ final class CheckpointRun {
                 result.error = .filesystemFailed(phase: .flushAndHold, mount: mount, message: "\(error)")
                 return result
             }
-        }
-        // Fault injection for the tests of the guard and the hold limit (docs/architecture.md):
-        // stretch the hold as a slow datastore would.
-        if let pause = ProcessInfo.processInfo.environment["QUIESCE_FAULT_HOLD_PAUSE_MS"].flatMap(UInt32.init) {
-            usleep(pause * 1000)
         }
         // The capture runs on its own thread so that the hold limit can be enforced here.
         let done = DispatchSemaphore(value: 0)

@@ -66,8 +66,9 @@ public struct Lab: Sendable {
             FileManager.default.createFile(atPath: formattedMark, contents: nil)
         }
         // A loop left attached by a crashed `up` is reused, not duplicated.
-        let device = try await LoopDevice.devices(backing: file).first ?? LoopDevice.attach(file: file, readOnly: false)
-        try await Mounts.mount(device: device, at: mountPoint, type: kind == .xfs ? "xfs" : "ext4", options: nil)
+        var device = try await LoopDevice.devices(backing: file).first
+        if device == nil { device = try await LoopDevice.attach(file: file, readOnly: false) }
+        try await Mounts.mount(device: device!, at: mountPoint, type: kind == .xfs ? "xfs" : "ext4", options: nil)
     }
 
     func writeConfiguration() throws {
@@ -197,7 +198,8 @@ public struct Lab: Sendable {
     }
 
     static func toolExists(_ name: String) -> Bool {
-        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/sbin:/usr/bin:/sbin:/bin"
-        return (path.split(separator: ":") + ["/usr/sbin", "/sbin"]).contains { access("\($0)/\(name)", X_OK) == 0 }
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
+        let directories: [String] = path.split(separator: ":").map(String.init) + ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        return directories.contains { (directory: String) -> Bool in access(directory + "/" + name, X_OK) == 0 }
     }
 }

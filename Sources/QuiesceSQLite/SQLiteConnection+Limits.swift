@@ -35,13 +35,15 @@ extension SQLiteConnection {
             guard let db else { return }
             let limit = WaitLimit(busyUntil: busyUntil, stop: stop)
             let context = Unmanaged.passUnretained(limit).toOpaque()
-            sqlite3_busy_handler(db, { context, attempt in
+            sqlite3_busy_handler(db, { context, _ in
                 let limit = Unmanaged<WaitLimit>.fromOpaque(context!).takeUnretainedValue()
                 if limit.stop() { return 0 }
                 let left = limit.busyUntil - ContinuousClock.now
                 if left <= .zero { return 0 }
-                // 1, 2, 4 … 16 ms, then every 20 ms: fast for short waits, cheap for long ones.
-                let step = Duration.milliseconds(attempt < 5 ? 1 << attempt : 20)
+                // Every millisecond: SQLite has no queue for its locks, so a waiter that polls
+                // slowly (SQLite's own handler backs off to 100 ms) is starved by an application
+                // committing back to back; a few thousand cheap wake-ups are the price.
+                let step = Duration.milliseconds(1)
                 let (seconds, attoseconds) = min(left, step).components
                 usleep(UInt32(max(1, seconds * 1_000_000 + attoseconds / 1_000_000_000_000)))
                 return 1

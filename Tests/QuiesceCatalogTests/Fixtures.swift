@@ -3,7 +3,8 @@ import QuiesceCore
 
 /// A fresh directory under $TMPDIR for one test, removed afterwards.
 func withTemporaryDirectory<T>(_ body: (String) async throws -> T) async throws -> T {
-    var template = Array((NSTemporaryDirectory() + "/quiesce-catalog-test.XXXXXX").utf8CString)
+    let temporary = (NSTemporaryDirectory() as NSString).appendingPathComponent("quiesce-catalog-test.XXXXXX")
+    var template = Array(temporary.utf8CString)
     guard let made = mkdtemp(&template) else { throw POSIXFailure("mkdtemp", errno) }
     let directory = String(cString: made)
     defer { try? FileManager.default.removeItem(atPath: directory) }

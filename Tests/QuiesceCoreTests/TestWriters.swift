@@ -61,7 +61,7 @@ struct ScriptedWriter: Writer {
         case .succeed: return
         case .veto(let reason): throw WriterError(.retryable, reason)
         case .block(let duration):
-            try await runBlocking { usleep(UInt32(duration.milliseconds * 1000)) }
+            _ = try await runBlocking { usleep(UInt32(duration.milliseconds * 1000)) }
         }
     }
 }

@@ -21,6 +21,9 @@ public struct Extent: Sendable, Equatable {
     /// The first file offset past this extent.
     public var logicalEnd: UInt64 { logical + length }
 
+    /// Preallocated but never written: reads as zeros.
+    public var isUnwritten: Bool { flags & QUIESCE_FIEMAP_EXTENT_UNWRITTEN != 0 }
+
     /// Whether `physical` is a real disk address (not delayed allocation or unknown).
     public var hasKnownLocation: Bool {
         flags & (QUIESCE_FIEMAP_EXTENT_UNKNOWN | QUIESCE_FIEMAP_EXTENT_DELALLOC) == 0
@@ -81,8 +84,14 @@ public enum ExtentMap {
         return shared
     }
 
-    /// Bytes of file data that have a place on disk (the sum of the extents' lengths).
+    /// Bytes that have a place on disk (the sum of the extents' lengths), unwritten ones included.
     public static func allocatedBytes(_ extents: [Extent]) -> UInt64 {
         extents.reduce(0) { $0 + $1.length }
+    }
+
+    /// Bytes of data on disk: allocated, known and written. Unwritten (preallocated)
+    /// extents read as zeros like holes, and a reflink clone gets holes in their place.
+    public static func dataBytes(_ extents: [Extent]) -> UInt64 {
+        extents.reduce(0) { $0 + ($1.hasKnownLocation && !$1.isUnwritten ? $1.length : 0) }
     }
 }

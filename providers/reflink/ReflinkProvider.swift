@@ -101,12 +101,13 @@ public struct ReflinkProvider: SnapshotProvider {
         }
         var created: [String] = []
         for directory in missing.reversed() {
-            if mkdir(directory, 0o700) != 0 && errno != EEXIST {
+            if mkdir(directory, 0o700) == 0 {
+                created.append(directory)
+            } else if errno != EEXIST {
                 let code = errno
                 for path in created.reversed() { rmdir(path) }
                 throw ProviderError(volume: volume, "cannot create snapshot directory \(directory): \(explain(code))")
             }
-            created.append(directory)
         }
         var info = stat()
         guard stat(path, &info) == 0, info.st_mode & S_IFMT == S_IFDIR else {
@@ -210,7 +211,7 @@ public struct ReflinkProvider: SnapshotProvider {
     /// (never replacing an existing file), then fsync of the directory.
     public func commit(_ captured: [CapturedSnapshot]) throws -> [SnapshotFile] {
         var files: [SnapshotFile] = []
-        var directories: [String] = []
+        var directories: [(path: String, volume: String)] = []
         for snapshot in captured {
             let volume = snapshot.volume.name
             let fd = open(snapshot.pendingPath, O_RDONLY | O_CLOEXEC)
@@ -237,12 +238,12 @@ public struct ReflinkProvider: SnapshotProvider {
             }
             unlink(snapshot.pendingPath)
             let directory = (snapshot.finalPath as NSString).deletingLastPathComponent
-            if !directories.contains(directory) { directories.append(directory) }
+            if !directories.contains(where: { $0.path == directory }) { directories.append((directory, volume)) }
             files.append(SnapshotFile(volume: volume, image: snapshot.volume.image, path: snapshot.finalPath,
                                       sizeBytes: UInt64(info.st_size)))
         }
         for directory in directories {
-            try Self.syncDirectory(directory, volume: nil)
+            try Self.syncDirectory(directory.path, volume: directory.volume)
         }
         return files
     }

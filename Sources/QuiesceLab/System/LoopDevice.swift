@@ -17,7 +17,7 @@ public enum LoopDevice {
             do {
                 let result = try await SystemCommand.run(
                     "losetup", arguments, timeout: timeout,
-                    hint: "loop devices need root and /dev/loop-control; `losetup -a` lists those in use")
+                    hint: geteuid() == 0 ? nil : "loop devices need root: run it with sudo")
                 let device = result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
                 guard device.hasPrefix("/dev/") else {
                     throw SystemCommandError(command: ["losetup"] + arguments, status: 0, stderr: result.stderr,
@@ -25,15 +25,19 @@ public enum LoopDevice {
                 }
                 return device
             } catch let error as SystemCommandError where attempt < 5 && !error.timedOut && error.stderr.contains("busy") {
-                try? await Task.sleep(for: .milliseconds(50 * attempt))
+                await SystemCommand.pause(.milliseconds(50 * attempt))
             }
         }
     }
 
     /// Detaches `device` (`losetup --detach`). It must no longer be mounted.
     public static func detach(_ device: String) async throws {
-        try await SystemCommand.run("losetup", ["--detach", device], timeout: timeout,
-                                    hint: "a loop device that is still mounted or open cannot be detached: see `findmnt \(device)`")
+        do {
+            try await SystemCommand.run("losetup", ["--detach", device], timeout: timeout)
+        } catch var error as SystemCommandError where error.stderr.contains("busy") {
+            error.hint = "it is still mounted or open: `findmnt \(device)` shows where"
+            throw error
+        }
     }
 
     /// The loop devices attached to `file` (`losetup --associated`, which compares the inode).

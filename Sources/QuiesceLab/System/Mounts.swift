@@ -28,22 +28,24 @@ public enum Mounts {
         if let options, !options.isEmpty { arguments += ["-o", options.joined(separator: ",")] }
         arguments += [device, path]
         try await SystemCommand.run("mount", arguments, timeout: mountTimeout,
-                                    hint: "`dmesg | tail` shows the kernel's reason")
+                                    hint: geteuid() == 0 ? nil : "mounting needs root: run it with sudo")
     }
 
     /// Unmounts `path`. A frozen filesystem is thawed first (`umount` of a frozen
     /// filesystem hangs); a busy one is retried for a few seconds before giving up.
-    public static func unmount(_ path: String) async throws {
+    /// `lazily` detaches it from the tree even if busy (`umount --lazy`): the kernel
+    /// finishes when the last user lets go. A last resort for teardown.
+    public static func unmount(_ path: String, lazily: Bool = false) async throws {
         await thawIfFrozen(path)
         var attempt = 0
         while true {
             attempt += 1
             do {
-                try await SystemCommand.run("umount", [path], timeout: unmountTimeout,
+                try await SystemCommand.run("umount", (lazily ? ["--lazy"] : []) + [path], timeout: unmountTimeout,
                                             hint: "`fuser -vm \(path)` shows what keeps it busy")
                 return
             } catch let error as SystemCommandError where attempt < 25 && !error.timedOut && error.stderr.contains("busy") {
-                try? await Task.sleep(for: .milliseconds(200))
+                await SystemCommand.pause(.milliseconds(200))
             }
         }
     }

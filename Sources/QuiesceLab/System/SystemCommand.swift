@@ -65,6 +65,15 @@ enum SystemCommand {
         return env
     }
 
+    /// Waits `duration` even if the task is cancelled: teardown paths retry through
+    /// this and must not turn into a busy loop when a test is cancelled.
+    static func pause(_ duration: Duration) async {
+        let nanoseconds = Int(duration.milliseconds * 1_000_000)
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(nanoseconds)) { continuation.resume() }
+        }
+    }
+
     static func quote(_ word: String) -> String {
         let plain = word.allSatisfy { $0.isLetter || $0.isNumber || "-_./=,:@%+".contains($0) }
         return plain && !word.isEmpty ? word : "'" + word.replacingOccurrences(of: "'", with: "'\\''") + "'"

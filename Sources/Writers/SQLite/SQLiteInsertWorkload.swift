@@ -10,8 +10,9 @@ public enum SQLiteInsertWorkload {
     /// until `stop()` returns true; returns how many rows it committed.
     ///
     /// Creates the table if it is missing, as
-    /// `(id INTEGER PRIMARY KEY, payload TEXT NOT NULL, created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)`;
-    /// an existing table needs a `payload` text column and defaults for its other columns.
+    /// `(id INTEGER PRIMARY KEY, payload TEXT NOT NULL, created_at TEXT NOT NULL)`; an existing
+    /// table needs `payload` and `created_at` text columns, and defaults for any others.
+    /// `created_at` is the commit's UTC time to the millisecond (`2026-11-25T11:40:12.345Z`).
     /// Each transaction waits up to `busyTimeout` for the lock; when that runs out it is rolled
     /// back and tried again after a short pause (a busy database is not an error). `stop` is
     /// checked between transactions, so it takes effect within one `busyTimeout`.
@@ -35,11 +36,11 @@ public enum SQLiteInsertWorkload {
                 CREATE TABLE IF NOT EXISTS "\(table)" (
                     id INTEGER PRIMARY KEY,
                     payload TEXT NOT NULL,
-                    created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)
+                    created_at TEXT NOT NULL)
                 """)
         }
 
-        let insert = "INSERT INTO \"\(table)\" (payload) VALUES (?)"
+        let insert = "INSERT INTO \"\(table)\" (payload, created_at) VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
         let filler = String(repeating: "x", count: 96)
         var committed = 0
         while !stop() {

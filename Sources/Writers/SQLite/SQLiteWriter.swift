@@ -47,7 +47,7 @@ public struct SQLiteWriterFactory: WriterFactory {
             // Against the database when it is there; otherwise `identify` checks it.
             if SQLiteWriter.fileExists(database) {
                 do {
-                    let connection = try SQLiteConnection(path: database, mode: .readOnly, busyTimeout: .seconds(1))
+                    let connection = try SQLiteWriter.open(database, mode: .readOnly, waitingAtMost: .seconds(1))
                     defer { connection.close() }
                     if let problem = try MarkerQuery.problem(markerQuery, on: connection) {
                         throw spec.error("marker_query", "\(problem), e.g. \"\(MarkerQuery.example)\"")
@@ -154,7 +154,7 @@ public final class SQLiteWriter: Writer {
 
     private func checkMarkerQuery(_ query: String) throws {
         do {
-            let connection = try SQLiteConnection(path: database, mode: .readOnly, busyTimeout: busyTimeout)
+            let connection = try Self.open(database, mode: .readOnly, waitingAtMost: busyTimeout)
             defer { connection.close() }
             if let problem = try MarkerQuery.problem(query, on: connection) {
                 throw WriterError(.nonRetryable, "marker_query \"\(query)\" \(problem)",
@@ -175,7 +175,7 @@ public final class SQLiteWriter: Writer {
         }
         if let stale {
             stale.cancel()
-            try? await runBlocking { stale.release() }
+            _ = try? await runBlocking { stale.release() }
         }
     }
 
@@ -184,8 +184,7 @@ public final class SQLiteWriter: Writer {
     private func openSession(_ context: CheckpointContext) throws -> FreezeSession {
         let connection: SQLiteConnection
         do {
-            connection = try SQLiteConnection(path: database, mode: .readWrite,
-                                              busyTimeout: min(busyTimeout, context.remaining))
+            connection = try Self.open(database, mode: .readWrite, waitingAtMost: min(busyTimeout, context.remaining))
         } catch let error as SQLiteError {
             throw describe(error, doing: "opening")
         }
@@ -200,6 +199,7 @@ public final class SQLiteWriter: Writer {
             if let markerQuery {
                 _ = try markerValue(markerQuery, on: connection)
             }
+            connection.clearWaitLimits()
         } catch {
             connection.close()
             if let error = error as? SQLiteError { throw describe(error, doing: "preparing") }
@@ -245,7 +245,7 @@ public final class SQLiteWriter: Writer {
     }
 
     private func abandoned() -> WriterError {
-        WriterError(.timedOut, "freeze of \(subject) was abandoned: thaw came first, so the write lock was not taken")
+        WriterError(.timedOut, "freeze of \(subject) was abandoned: thaw came before it finished, and the write lock is not held")
     }
 
     /// BEGIN IMMEDIATE within min(busy_timeout, time left), then the marker, inside the transaction.
@@ -268,7 +268,7 @@ public final class SQLiteWriter: Writer {
                 : "busy_timeout (\(formatDuration(busyTimeout)))"
             throw WriterError(.timedOut,
                 "\(subject): could not take the write lock after \(waited): another connection held a write transaction "
-                + "for longer than \(limit); the application's writes were not blocked and nothing was snapshotted",
+                + "(or back-to-back ones) for longer than \(limit); the application's writes were not blocked and nothing was snapshotted",
                 hint: "raise busy_timeout in \(specPlace) (it must stay below timeout, \(formatDuration(timeout))), "
                 + "or find the application's long-running write transaction")
         } catch let error as SQLiteError {
@@ -298,7 +298,7 @@ public final class SQLiteWriter: Writer {
             if session.isCancelled { throw abandoned() }
             if let error = error as? SQLiteError {
                 if error.isInterrupted {
-                    throw WriterError(.timedOut, "\(subject): marker_query did not finish before the freeze deadline",
+                    throw WriterError(.timedOut, "\(subject): reading the marker (page_count, journal_mode, marker_query) did not finish before the freeze deadline",
                                       hint: "marker_query runs inside the freeze window: make it cheaper (an indexed count, a max(id)) in \(specPlace)")
                 }
                 throw describe(error, doing: "recording the marker of")
@@ -349,6 +349,15 @@ public final class SQLiteWriter: Writer {
         }
         return WriterError(.nonRetryable, "\(doing) \(subject): \(error.message) (SQLite code \(error.code))",
                            hint: "quiesce needs read-write access to the database, its directory and its -wal/-shm files")
+    }
+
+    /// A connection whose lock waits, all together, end after `wait`. It polls for locks every
+    /// millisecond: SQLite's own busy handler backs off to 100 ms and loses the lock, again and
+    /// again, to an application committing back to back.
+    static func open(_ path: String, mode: SQLiteConnection.OpenMode, waitingAtMost wait: Duration) throws -> SQLiteConnection {
+        let connection = try SQLiteConnection(path: path, mode: mode)
+        connection.limitWaits(busyUntil: .now + wait) { false }
+        return connection
     }
 
     static func fileExists(_ path: String) -> Bool {
