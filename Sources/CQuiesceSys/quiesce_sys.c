@@ -55,3 +55,6 @@ int quiesce_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 int quiesce_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path) {
     return posix_spawn_file_actions_addchdir_np(actions, path);
 }
+int quiesce_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int low) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, low);
+}

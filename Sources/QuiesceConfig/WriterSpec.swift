@@ -86,7 +86,7 @@ public final class SpecReader {
     }
 
     public func string(_ key: String) throws -> String {
-        guard let value = try optionalString(key) else { throw error(nil, "missing required key \"\(key)\"") }
+        guard let value = try optionalString(key) else { throw missing(key) }
         guard !value.isEmpty else { throw error(key, "must not be empty") }
         return value
     }
@@ -96,6 +96,16 @@ public final class SpecReader {
         let value = try string(key)
         guard value.hasPrefix("/") else { throw error(key, "must be an absolute path, found \"\(value)\"") }
         return value
+    }
+
+    /// "missing required key", naming a near-miss key the spec has instead (a typo).
+    public func missing(_ key: String) -> ConfigError {
+        let typo = spec.table.keys.first { $0 != key && !consumed.contains($0) && editDistance($0, key) <= 2 }
+        if let typo {
+            return ConfigError(file: spec.file, line: spec.table[typo]?.line, key: typo,
+                               "unknown key; the required key \"\(key)\" is missing (did you mean \"\(key)\"?)")
+        }
+        return error(nil, "missing required key \"\(key)\"")
     }
 
     public func optionalInt(_ key: String) throws -> Int? {

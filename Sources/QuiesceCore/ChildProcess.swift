@@ -48,6 +48,9 @@ public final class ChildProcess: @unchecked Sendable {
         try plumb(stdin, 0, readByChild: true)
         try plumb(stdout, 1, readByChild: false)
         try plumb(stderr, 2, readByChild: false)
+        // Only stdin/out/err: a writer's script or daemon must not inherit our database
+        // connections, lock files or sockets.
+        quiesce_spawn_addclosefrom(&actions, 3)
         if let workingDirectory {
             quiesce_spawn_addchdir(&actions, workingDirectory)
         }
@@ -163,7 +166,12 @@ extension ChildProcess {
         var buffer = [UInt8](repeating: 0, count: 65536)
         while !open.isEmpty {
             var fds = open.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-            _ = Glibc.poll(&fds, nfds_t(fds.count), 100)
+            // Wake at the deadline itself, so the kill is not late by a poll interval.
+            var wait: Int32 = 100
+            if let timeout, !timedOut {
+                wait = Int32(max(0, min(100, (timeout - (ContinuousClock.now - start)).milliseconds.rounded(.up))))
+            }
+            _ = Glibc.poll(&fds, nfds_t(fds.count), wait)
             for p in fds where p.revents != 0 {
                 let n = buffer.withUnsafeMutableBytes { read(p.fd, $0.baseAddress, $0.count) }
                 if n > 0 {

@@ -1,18 +1,27 @@
 import Foundation
 import QuiesceCore
+import Synchronization
 
 /// The coordinator's handle on a running `quiesce guard` process.
-public actor GuardProcess: FreezeGuardSession {
+///
+/// Writers of one order group arm duties concurrently: each request and its answer form one
+/// exchange under a lock (an actor would not do: it is reentrant at every `await`, and two
+/// exchanges would interleave their lines).
+public final class GuardProcess: FreezeGuardSession {
     private let child: ChildProcess
-    private var nextID = 1
-    private var reader = LineReader()
+    private let channel: Mutex<Channel>
+
+    private struct Channel {
+        var nextID = 1
+        var reader = LineReader()
+    }
 
     /// Starts `executable guard` and waits until it says it is ready.
     public static func start(executable: String) async throws -> GuardProcess {
         let child = try ChildProcess(executable, ["guard"], stdin: .pipe, stdout: .pipe, stderr: .inherit,
                                      newProcessGroup: false)
         let process = GuardProcess(child: child)
-        let line = try await process.readLine(timeout: .seconds(5))
+        let line = try await runBlocking { try process.channel.withLock { try $0.reader.next(fd: child.stdoutFD, timeout: .seconds(5)) } }
         guard line == "ready" else {
             child.signal(SIGKILL, group: false)
             child.wait()
@@ -21,22 +30,32 @@ public actor GuardProcess: FreezeGuardSession {
         return process
     }
 
-    private init(child: ChildProcess) { self.child = child }
+    private init(child: ChildProcess) {
+        self.child = child
+        self.channel = Mutex(Channel())
+    }
 
     public func arm(_ duty: GuardDuty, deadline: ContinuousClock.Instant) async throws -> GuardDutyID {
-        let id = nextID
-        nextID += 1
-        let seconds = max(0, (deadline - .now).seconds)
-        try send(GuardRequest(op: .arm, id: id, seconds: seconds, duty: duty))
-        let answer = try await readLine(timeout: .seconds(5))
-        guard answer == "ok \(id)" else { throw GuardError("the guard refused a duty: \(answer)") }
+        let id = try await runBlocking { () throws -> Int in
+            try self.channel.withLock { channel in
+                let id = channel.nextID
+                channel.nextID += 1
+                let seconds = max(0, (deadline - .now).seconds)
+                let answer = try self.exchange(GuardRequest(op: .arm, id: id, seconds: seconds, duty: duty), &channel)
+                guard answer == "ok \(id)" else { throw GuardError("the guard refused a duty: \(answer)") }
+                return id
+            }
+        }
         return GuardDutyID(id)
     }
 
     public func disarm(_ id: GuardDutyID) async throws {
-        try send(GuardRequest(op: .disarm, id: id.rawValue))
-        let answer = try await readLine(timeout: .seconds(5))
-        guard answer == "ok \(id.rawValue)" else { throw GuardError("the guard did not confirm disarming: \(answer)") }
+        try await runBlocking {
+            try self.channel.withLock { channel in
+                let answer = try self.exchange(GuardRequest(op: .disarm, id: id.rawValue), &channel)
+                guard answer == "ok \(id.rawValue)" else { throw GuardError("the guard did not confirm disarming: \(answer)") }
+            }
+        }
     }
 
     public func close() async {
@@ -46,24 +65,18 @@ public actor GuardProcess: FreezeGuardSession {
         _ = try? await runBlocking { child.wait() }
     }
 
+    /// One request and its answer line. Called with the channel locked.
+    private func exchange(_ request: GuardRequest, _ channel: inout Channel) throws -> String {
+        try send(request)
+        return try channel.reader.next(fd: child.stdoutFD, timeout: .seconds(5))
+    }
+
     private func send(_ request: GuardRequest) throws {
         var data = try JSONEncoder().encode(request)
         data.append(UInt8(ascii: "\n"))
         let fd = child.stdinFD
         let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         guard written == data.count else { throw GuardError("the guard is gone (write: \(String(cString: strerror(errno))))") }
-    }
-
-    private func readLine(timeout: Duration) async throws -> String {
-        let fd = child.stdoutFD
-        let reader = self.reader
-        let (line, updated) = try await runBlocking { () throws -> (String, LineReader) in
-            var local = reader
-            let line = try local.next(fd: fd, timeout: timeout)
-            return (line, local)
-        }
-        self.reader = updated
-        return line
     }
 }
 

@@ -18,18 +18,26 @@ struct WritersCommand: AsyncParsableCommand {
         func run() async throws {
             try await CLI.run {
                 let writers = try options.installation().listWriters()
-                if json { return try CLI.printJSON(writers) }
-                if writers.isEmpty { print("no writers registered") }
-                for (index, w) in writers.enumerated() {
-                    if index > 0 { print("") }
-                    print("Writer: \(w.name)")
-                    print("   Type: \(w.type ?? "?")")
-                    print("   Spec: \(w.file ?? "?")")
-                    print("   State: \(w.state)")
-                    print("   Last error: \(w.lastError)" + (w.lastErrorMessage.map { " (\($0))" } ?? ""))
-                    print("   Last successful checkpoint: \(w.lastSuccessfulCheckpoint ?? "none")")
+                if json {
+                    try CLI.printJSON(writers)
+                } else {
+                    printBlocks(writers)
                 }
+                // A bad drop-in is listed, and the exit status says the registry needs fixing.
                 if writers.contains(where: { $0.state == "invalid-spec" }) { throw ExitCode(ExitStatus.badConfiguration.rawValue) }
+            }
+        }
+
+        func printBlocks(_ writers: [Installation.WriterListing]) {
+            if writers.isEmpty { print("no writers registered") }
+            for (index, w) in writers.enumerated() {
+                if index > 0 { print("") }
+                print("Writer: \(w.name)")
+                print("   Type: \(w.type ?? "?")")
+                print("   Spec: \(w.file ?? "?")")
+                print("   State: \(w.state)")
+                print("   Last error: \(w.lastError)" + (w.lastErrorMessage.map { " (\($0))" } ?? ""))
+                print("   Last successful checkpoint: \(w.lastSuccessfulCheckpoint ?? "none")")
             }
         }
     }

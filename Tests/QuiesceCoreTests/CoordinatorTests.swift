@@ -103,7 +103,7 @@ import Testing
                                            journal: MemoryJournal(log: log)).checkpoint(label: nil)
         #expect(result.error == nil)
         let states = log.all.filter { $0.hasPrefix("state:w:") }
-        #expect(states == ["state:w:waiting-for-freeze", "state:w:frozen", "state:w:stable"])
+        #expect(states == ["state:w:waiting-for-freeze", "state:w:frozen", "state:w:waiting-for-thaw", "state:w:stable"])
     }
 
     @Test func dataOutsideTheSnapshotSetIsRefusedAtIdentify() async throws {

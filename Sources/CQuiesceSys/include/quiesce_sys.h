@@ -12,6 +12,8 @@
 int quiesce_syncfs(int fd);
 int quiesce_pipe_cloexec(int fds[2]);
 int quiesce_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path);
+/* Close every descriptor from `low` up in the child, so it inherits only stdin/out/err. */
+int quiesce_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int low);
 
 /* FIFREEZE / FITHAW on an open descriptor of a mount point. */
 int quiesce_fifreeze(int fd);

@@ -1,0 +1,192 @@
+import Foundation
+import Quiesce
+import QuiesceCore
+import QuiesceTestSupport
+import ReflinkProvider
+import Testing
+
+/// A checkpoint on a real XFS datastore with a real ext4 guest, through the coordinator.
+@Suite(.enabled(if: TestEnvironment.canBuildWorlds || TestEnvironment.isCI))
+struct CheckpointTests {
+    @Test func completedSnapshotSharesExtentsWithTheImageAndHoldsWhatWasWrittenBeforeTheFreeze() async throws {
+        try await TestWorld.with { world in
+            let site = try TestSite(world)
+            try site.addExecWriter("app")
+            let before = String(repeating: "before the freeze\n", count: 60_000)
+            try await writeDurably(before, to: "\(world.guest)/data.txt")
+
+            let result = try await site.installation().checkpoint(label: "t")
+            #expect(result.error == nil)
+            let record = result.record
+            #expect(record.outcome == .completed)
+            let hold = try #require(record.holdWindowMs)
+            let freeze = try #require(record.freezeWindowMs)
+            #expect(hold > 0 && hold < 10_000)
+            #expect(freeze >= hold)
+            print("checkpoint \(record.id): freeze window \(freeze) ms, hold window \(hold) ms")
+
+            // The application is told, in order, with its context.
+            #expect(site.calls("app") == ["freeze", "thaw"])
+            let log = try String(contentsOfFile: "\(site.logs)/app.log", encoding: .utf8)
+            #expect(log.contains("freeze \(record.id) writer=app volume=vm1"))
+            #expect(log.contains("thaw \(record.id) writer=app volume=vm1 outcome=completed"))
+            #expect(record.writers.first?.marker?["calls"] == "1")
+
+            let snapshot = try #require(record.snapshots.first)
+            #expect(snapshot.path == "\(world.volume.snapshotDirectory)/\(record.id).img")
+            // Overwrite the data after the checkpoint: the snapshot must keep the old bytes.
+            try await writeDurably(String(repeating: "after the checkpoint\n", count: 60_000), to: "\(world.guest)/data.txt")
+            try world.syncGuests()
+
+            let imageExtents = try ExtentMap.extents(of: world.image)
+            let snapshotExtents = try ExtentMap.extents(of: snapshot.path)
+            let shared = ExtentMap.sharedBytes(imageExtents, snapshotExtents)
+            let snapshotData = ExtentMap.dataBytes(snapshotExtents)
+            #expect(shared > 0)
+            // Only what changed since (about 1 MiB of file data and metadata) is unshared.
+            #expect(snapshotData - shared < 16 << 20, "snapshot has \(snapshotData) data bytes, \(shared) shared")
+
+            let held = try await world.withMountedCopy(of: snapshot.path) { root in
+                try String(contentsOfFile: "\(root)/data.txt", encoding: .utf8)
+            }
+            #expect(held == before)
+            let attributes = try FileManager.default.attributesOfItem(atPath: snapshot.path)
+            #expect((attributes[.posixPermissions] as? Int) == 0o400)
+        }
+    }
+
+    @Test func writeIssuedDuringTheHoldCompletesAfterReleaseAndIsAbsentFromTheSnapshot() async throws {
+        try await TestWorld.with { world in
+            let site = try TestSite(world)
+            let frozenMark = world.path("frozen")
+            try site.addExecWriter("app", onFreeze: "touch \(frozenMark)")
+            // A capture as slow as a struggling datastore's keeps the guest held for 1.5 s.
+            let coordinator = try site.startCLI(["checkpoint", "--json"], environment: ["QUIESCE_FAULT_HOLD_PAUSE_MS": "1500"])
+            #expect(await eventually(within: .seconds(20)) { FileManager.default.fileExists(atPath: frozenMark) })
+            try await Task.sleep(for: .milliseconds(400))  // the writers are frozen; the hold follows within milliseconds
+
+            let issued = ContinuousClock.now
+            try await writeDurably("written during the hold\n", to: "\(world.guest)/late.txt")
+            let blocked = ContinuousClock.now - issued
+
+            let status = try await runBlocking { coordinator.wait() }
+            let output = drain(coordinator.stdoutFD)
+            #expect(status == 0, "checkpoint failed: \(drain(coordinator.stderrFD))")
+            #expect(blocked > .milliseconds(500), "the write was not held (took \(blocked))")
+            let record = try JSONDecoder.iso8601.decode(CheckpointRecord.self, from: Data(output.utf8))
+            #expect(try String(contentsOfFile: "\(world.guest)/late.txt", encoding: .utf8) == "written during the hold\n")
+            let snapshot = try #require(record.snapshots.first)
+            let present = try await world.withMountedCopy(of: snapshot.path) { root in
+                FileManager.default.fileExists(atPath: "\(root)/late.txt")
+            }
+            #expect(!present, "a write issued during the hold is in the snapshot")
+        }
+    }
+
+    @Test func vetoingWriterAbortsAndEveryOtherWriterIsThawedWithFreezeFailed() async throws {
+        try await TestWorld.with { world in
+            let site = try TestSite(world)
+            try site.addExecWriter("app", order: 0)
+            try site.addExecWriter("vetoer", order: 10, onFreeze: "echo 'replication lag too high' >&2; exit 3")
+            try site.addExecWriter("db", order: 10)
+            try site.addExecWriter("late", order: 20)
+
+            let result = try await site.installation().checkpoint(label: nil)
+            guard case .writerFailed("vetoer", .freeze, let error)? = result.error else {
+                Issue.record("expected vetoer to fail at freeze, got \(String(describing: result.error))")
+                return
+            }
+            #expect(error.message.contains("exited with status 3"))
+            #expect(error.message.contains("replication lag too high"))
+            #expect(ExitStatus.of(result) == .writerFailed)
+            #expect(result.record.outcome == .aborted)
+            #expect(site.calls("app") == ["freeze", "freeze-failed"])
+            #expect(site.calls("vetoer") == ["freeze", "freeze-failed"])
+            #expect(site.calls("db") == ["freeze", "freeze-failed"])
+            #expect(site.calls("late") == [], "a writer of a later group was frozen after the veto")
+            #expect(site.snapshotFiles() == [])
+
+            let stored = try #require(try site.installation().openCatalog().checkpoint(id: result.record.id))
+            #expect(stored.outcome == .aborted)
+            #expect(stored.failedWriter == "vetoer")
+            #expect(stored.failedPhase == .freeze)
+            let listing = try site.installation().listWriters()
+            #expect(listing.first { $0.name == "vetoer" }?.state == "failed-at-freeze")
+            #expect(listing.first { $0.name == "vetoer" }?.lastError == "retryable")
+            #expect(listing.first { $0.name == "app" }?.state == "stable")
+        }
+    }
+
+    @Test func hangingWriterTimesOutAndIsKilledAndEveryOtherWriterIsThawed() async throws {
+        try await TestWorld.with { world in
+            let site = try TestSite(world)
+            let token = "600.\(getpid())\(Int.random(in: 1000...9999))"
+            try site.addExecWriter("app", order: 0)
+            try site.addExecWriter("stuck", order: 0, timeout: "1s", onFreeze: "sleep \(token)")
+
+            let started = ContinuousClock.now
+            let result = try await site.installation().checkpoint(label: nil)
+            let elapsed = ContinuousClock.now - started
+            guard case .writerFailed("stuck", .freeze, let error)? = result.error else {
+                Issue.record("expected stuck to time out at freeze, got \(String(describing: result.error))")
+                return
+            }
+            #expect(error.kind == .timedOut)
+            #expect(ExitStatus.of(result) == .writerTimedOut)
+            #expect(elapsed < .seconds(8), "took \(elapsed)")
+            #expect(site.calls("app") == ["freeze", "freeze-failed"])
+            #expect(site.calls("stuck") == ["freeze", "freeze-failed"])
+            #expect(site.snapshotFiles() == [])
+            var survivor = ""
+            for _ in 0..<20 {
+                survivor = try await ChildProcess.run("pgrep", ["-f", "sleep \(token)"]).stdout
+                if survivor.isEmpty { break }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            #expect(survivor.isEmpty, "the hung freeze script was left running (pid \(survivor))")
+        }
+    }
+
+    @Test func snapshotSetOfTwoVolumesIsTakenWithBothMountsHeld() async throws {
+        try await TestWorld.with(.init(volumes: ["vm1", "vm2"])) { world in
+            let site = try TestSite(world)
+            try site.addExecWriter("app")
+            for volume in world.volumes {
+                try await writeDurably("data of \(volume.name)\n", to: "\(volume.mount!)/id.txt")
+            }
+            let result = try await site.installation().checkpoint(label: nil)
+            #expect(result.error == nil)
+            #expect(result.record.snapshots.map(\.volume).sorted() == ["vm1", "vm2"])
+            for snapshot in result.record.snapshots {
+                let text = try await world.withMountedCopy(of: snapshot.path) { root in
+                    try String(contentsOfFile: "\(root)/id.txt", encoding: .utf8)
+                }
+                #expect(text == "data of \(snapshot.volume)\n")
+            }
+        }
+    }
+
+    @Test func datastoreThatCannotReflinkIsRefusedBeforeAnythingFreezes() async throws {
+        try await TestWorld.with(.init(datastore: .ext4)) { world in
+            let site = try TestSite(world)
+            try site.addExecWriter("app")
+            let result = try await site.installation().checkpoint(label: nil)
+            guard case .providerFailed(.prepare, let error)? = result.error else {
+                Issue.record("expected a provider failure at prepare, got \(String(describing: result.error))")
+                return
+            }
+            #expect(error.description.contains("ext4"))
+            #expect(error.description.contains("reflink=1"))
+            #expect(ExitStatus.of(result) == .providerFailed)
+            #expect(site.calls("app") == [], "a writer was frozen although the datastore cannot snapshot")
+        }
+    }
+}
+
+extension JSONDecoder {
+    static var iso8601: JSONDecoder {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return decoder
+    }
+}

@@ -1,0 +1,135 @@
+import Foundation
+import Logging
+import Quiesce
+import QuiesceCore
+import QuiesceTestSupport
+
+/// A quiesce installation inside a test world: config, writers.d, catalog and hook scripts
+/// under the world's directory, outside the guest filesystem (which gets frozen).
+struct TestSite: Sendable {
+    let world: TestWorld
+    var etc: String { world.path("etc") }
+    var config: String { "\(etc)/quiesce.toml" }
+    var writersDirectory: String { "\(etc)/writers.d" }
+    var catalog: String { world.path("state/catalog.db") }
+    var hooks: String { world.path("hooks") }
+    var logs: String { world.path("logs") }
+
+    init(_ world: TestWorld, holdTimeout: String = "10s", freezeTimeout: String = "20s") throws {
+        self.world = world
+        for directory in [etc, writersDirectory, world.path("state"), hooks, logs] {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            chmod(directory, 0o755)
+        }
+        var text = """
+            [coordinator]
+            catalog = "\(catalog)"
+            writers_dir = "\(writersDirectory)"
+            freeze_timeout = "\(freezeTimeout)"
+            hold_timeout = "\(holdTimeout)"
+
+            """
+        for volume in world.volumes {
+            text += """
+
+                [[volume]]
+                name = "\(volume.name)"
+                image = "\(volume.image)"
+                mount = "\(volume.mount!)"
+
+                """
+        }
+        try text.write(toFile: config, atomically: true, encoding: .utf8)
+    }
+
+    /// An exec writer whose script logs every call (`<action> <checkpoint id>`) to `logs/<name>.log`.
+    /// `onFreeze` is shell run at freeze after logging (e.g. `exit 3`, `sleep 600`).
+    @discardableResult
+    func addExecWriter(_ name: String, order: Int = 0, timeout: String = "10s", onFreeze: String = "") throws -> String {
+        let script = "\(hooks)/\(name)"
+        let log = "\(logs)/\(name).log"
+        try """
+            #!/bin/sh
+            echo "$1 $QUIESCE_CHECKPOINT_ID writer=$QUIESCE_WRITER volume=$QUIESCE_VOLUME outcome=$QUIESCE_OUTCOME" >> \(log)
+            if [ "$1" = freeze ]; then
+                echo "marker calls=$(wc -l < \(log))"
+                \(onFreeze)
+            fi
+            exit 0
+
+            """.write(toFile: script, atomically: true, encoding: .utf8)
+        chmod(script, 0o755)
+        try """
+            name = "\(name)"
+            type = "exec"
+            command = "\(script)"
+            volume = "\(world.volume.name)"
+            order = \(order)
+            timeout = "\(timeout)"
+
+            """.write(toFile: "\(writersDirectory)/\(name).toml", atomically: true, encoding: .utf8)
+        chmod("\(writersDirectory)/\(name).toml", 0o600)
+        return log
+    }
+
+    /// The calls a hook script received, in order (`freeze`, `thaw`, `freeze-failed`).
+    func calls(_ name: String) -> [String] {
+        let text = (try? String(contentsOfFile: "\(logs)/\(name).log", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").map { String($0.split(separator: " ")[0]) }
+    }
+
+    func installation() throws -> Installation {
+        try Installation(configPath: config, guardExecutable: try Executables.requireQuiesce(), logger: Logger(label: "test"))
+    }
+
+    /// Files left in a volume's snapshot directory (`<id>.img`, `<id>.img.partial`).
+    func snapshotFiles(_ volume: Volume? = nil) -> [String] {
+        let directory = (volume ?? world.volume).snapshotDirectory
+        return ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).filter { $0.hasSuffix(".img") || $0.hasSuffix(".partial") }
+    }
+
+    /// Starts `quiesce ARGS --config <site>` as a child process (stdout/stderr captured).
+    func startCLI(_ arguments: [String], environment: [String: String] = [:]) throws -> ChildProcess {
+        try ChildProcess(try Executables.requireQuiesce(), arguments + ["--config", config],
+                         extraEnvironment: environment, stdin: .null, stdout: .pipe, stderr: .pipe)
+    }
+
+    /// Runs `quiesce ARGS --config <site>` to completion.
+    func runCLI(_ arguments: [String], environment: [String: String] = [:], timeout: Duration = .seconds(120)) async throws -> CommandResult {
+        try await ChildProcess.run(try Executables.requireQuiesce(), arguments + ["--config", config],
+                                   extraEnvironment: environment, timeout: timeout)
+    }
+}
+
+/// Waits until `condition` holds, polling; false at the deadline.
+func eventually(within limit: Duration, every step: Duration = .milliseconds(20), _ condition: () -> Bool) async -> Bool {
+    let deadline = ContinuousClock.now + limit
+    while ContinuousClock.now < deadline {
+        if condition() { return true }
+        try? await Task.sleep(for: step)
+    }
+    return condition()
+}
+
+/// Writes `text` to `path` and fsyncs it, on a thread of its own (it blocks while the filesystem is frozen).
+func writeDurably(_ text: String, to path: String) async throws {
+    try await runBlocking {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        guard fd >= 0 else { throw POSIXFailure("open \(path)", errno) }
+        defer { close(fd) }
+        let bytes = Array(text.utf8)
+        guard write(fd, bytes, bytes.count) == bytes.count, fsync(fd) == 0 else { throw POSIXFailure("write \(path)", errno) }
+    }
+}
+
+/// Reads whatever a finished child printed on a pipe.
+func drain(_ fd: Int32) -> String {
+    var output = [UInt8]()
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while fd >= 0 {
+        let n = read(fd, &buffer, buffer.count)
+        if n <= 0 { break }
+        output += buffer[0..<n]
+    }
+    return String(decoding: output, as: UTF8.self)
+}

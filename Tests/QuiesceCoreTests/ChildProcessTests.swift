@@ -1,0 +1,31 @@
+import Foundation
+import QuiesceCore
+import Testing
+
+@Suite struct ChildProcessTests {
+    @Test func timeoutKillsTheWholeProcessGroup() async throws {
+        let token = "600.\(getpid())\(Int.random(in: 1000...9999))"
+        let started = ContinuousClock.now
+        let result = try await ChildProcess.run("/bin/sh", ["-c", "sleep \(token); echo done"], timeout: .milliseconds(300))
+        #expect(result.timedOut)
+        #expect(ContinuousClock.now - started < .seconds(5))
+        let left = try await ChildProcess.run("pgrep", ["-f", "sleep \(token)"])
+        #expect(left.stdout.isEmpty, "the grandchild survived the timeout: pid \(left.stdout)")
+    }
+
+    @Test func capturesOutputAndExitStatus() async throws {
+        let result = try await ChildProcess.run("/bin/sh", ["-c", "echo out; echo err >&2; exit 7"])
+        #expect(result.status == 7)
+        #expect(result.stdout == "out\n")
+        #expect(result.stderr == "err\n")
+        #expect(!result.timedOut)
+    }
+
+    @Test func childInheritsOnlyStandardDescriptors() async throws {
+        let fd = open("/dev/null", O_RDONLY)  // deliberately not close-on-exec
+        defer { close(fd) }
+        let result = try await ChildProcess.run("/bin/sh", ["-c", "ls /proc/self/fd"])
+        let descriptors = result.stdout.split(separator: "\n").compactMap { Int($0) }
+        #expect(!descriptors.contains(Int(fd)), "descriptor \(fd) leaked into the child: \(descriptors)")
+    }
+}
