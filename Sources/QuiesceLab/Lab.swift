@@ -102,27 +102,9 @@ public struct Lab: Sendable {
         await stopStrayWorkloads()
         for application in applications.reversed() { await application.tearDown(l) }
 
-        // Loops attached but not mounted (a crash half-way) hold their backing file's filesystem busy.
-        var problems: [String] = []
-        for mount in Mounts.mountPoints(under: l.root).sorted(by: { $0.count > $1.count }) {
-            await thawIfFrozen(mount)
-            let source = Mounts.source(of: mount)
-            do {
-                try await Mounts.unmount(mount)
-            } catch {
-                problems.append("\(error)")
-                continue
-            }
-            if let source, source.hasPrefix("/dev/loop") {
-                let backing = LoopDevice.backingFile(of: source)
-                if backing.map({ $0.hasPrefix(l.root + "/") }) ?? false {
-                    try? await LoopDevice.detach(source)
-                }
-            }
-            // Loops on files inside this filesystem must go before their filesystem can.
-            try? await detachLoops(under: mount)
-        }
-        try? await detachLoops(under: l.root)
+        // Nothing may stay frozen: a frozen guest would hang every step below.
+        for mount in Mounts.mountPoints(under: l.root) { await thawIfFrozen(mount) }
+        let problems = await releaseMountsAndLoops()
         let remaining = Mounts.mountPoints(under: l.root)
         guard remaining.isEmpty else {
             throw LabError("could not unmount \(remaining.joined(separator: ", ")): \(problems.joined(separator: "; ")) (see `fuser -vm PATH` for what uses it), then run `quiesce lab down` again")
@@ -131,10 +113,44 @@ public struct Lab: Sendable {
         logger.info("lab is down", metadata: ["dir": "\(l.root)"])
     }
 
-    func detachLoops(under directory: String) async throws {
-        for (device, backing) in LoopDevice.all() where backing.hasPrefix(directory + "/") {
-            if Mounts.mountPoints(of: device).isEmpty { try await LoopDevice.detach(device) }
+    /// Unmounts every mount under the lab and detaches every loop device backed by a file
+    /// under it, in dependency order: a filesystem goes only once no mount below it and no
+    /// loop device backed by a file on it is left (the guest's loop keeps the datastore busy).
+    func releaseMountsAndLoops() async -> [String] {
+        let root = layout.root + "/"
+        var problems: [String] = []
+        var failed = Set<String>()
+        for _ in 0..<100 {
+            let mounts = Mounts.mountPoints(under: layout.root)
+            var loops = LoopDevice.all().filter { $0.backing.hasPrefix(root) }
+            if mounts.isEmpty && loops.isEmpty { break }
+            var progress = false
+            // Loops attached but not mounted (a crash half-way through `up`, a check's clone).
+            for loop in loops where Mounts.mountPoints(of: loop.device).isEmpty {
+                if (try? await LoopDevice.detach(loop.device)) != nil { progress = true }
+            }
+            loops = LoopDevice.all().filter { $0.backing.hasPrefix(root) }
+            for mount in mounts.sorted(by: { $0.count > $1.count }) where !failed.contains(mount) {
+                let hasMountsBelow = mounts.contains { $0.hasPrefix(mount + "/") }
+                let backsALoop = loops.contains { $0.backing.hasPrefix(mount + "/") }
+                if hasMountsBelow || backsALoop { continue }
+                let source = Mounts.source(of: mount)
+                do {
+                    try await Mounts.unmount(mount)
+                    progress = true
+                } catch {
+                    failed.insert(mount)
+                    problems.append("\(error)")
+                    continue
+                }
+                if let source, source.hasPrefix("/dev/loop"), LoopDevice.backingFile(of: source)?.hasPrefix(root) ?? false {
+                    try? await LoopDevice.detach(source)
+                }
+            }
+            // A detached loop device lets go of its file a moment later.
+            if !progress { try? await Task.sleep(for: .milliseconds(100)) }
         }
+        return problems
     }
 
     /// Workload processes of a `lab demo` that was killed keep the guest busy: stop them.

@@ -50,6 +50,9 @@ public enum SQLiteInsertWorkload {
                 try connection.execute("COMMIT")
             }
             if done { committed += 1 }
+            // Think time, as an application serving requests has: without it one process
+            // re-takes the lock at once and its peers, backing off in SQLite's busy handler, starve.
+            usleep(UInt32.random(in: 500...2_000))
         }
         return committed
     }

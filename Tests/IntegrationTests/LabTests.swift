@@ -1,0 +1,376 @@
+import Foundation
+import QuiesceCore
+import QuiesceLab
+import QuiesceSQLite
+import QuiesceTestSupport
+import Testing
+
+private let worlds = TestEnvironment.canBuildWorlds || TestEnvironment.isCI
+
+/// `quiesce lab up|status|demo|down`, run as an operator runs them: the built binary, a
+/// directory of its own under /tmp, small sizes.
+@Suite("Lab")
+struct LabTests {
+    static let sizes = ["--image-size", "128", "--datastore-size", "768"]
+
+    /// `lab up` twice is harmless, `lab status` says it is up, `lab demo` completes and verifies
+    /// its checkpoints, and `lab down` leaves no loop device, no mount and no directory.
+    @Test(.enabled(if: worlds))
+    func labUpTwiceThenDemoVerifiesCheckpointsAndDownRemovesEverything() async throws {
+        try TestEnvironment.requireWorlds()
+        try await withLabDirectory { lab in
+            let up = try await quiesce(["lab", "up", "--dir", lab.root] + Self.sizes)
+            try #require(up.succeeded, "lab up: \(shown(up))")
+            let built = lab.footprint()
+            #expect(built.loops.count == 3, "datastore, guest image and DR store each on one loop device: \(built.loops)")
+            #expect(Set(built.mounts) == [lab.root + "/datastore", lab.root + "/guest", lab.root + "/dr"],
+                    "mounts: \(built.mounts)")
+            let sentinel = lab.root + "/guest/app/sentinel"
+            try Data("written after the first up\n".utf8).write(to: URL(fileURLWithPath: sentinel))
+            let database = lab.root + "/guest/app/orders.db"
+            let databaseInode = try inode(of: database)
+
+            let again = try await quiesce(["lab", "up", "--dir", lab.root] + Self.sizes)
+            #expect(again.succeeded, "second lab up: \(shown(again))")
+            let rebuilt = lab.footprint()
+            #expect(rebuilt.loops == built.loops, "the second up attached: \(rebuilt.loops), the first: \(built.loops)")
+            #expect(rebuilt.mounts == built.mounts, "the second up mounted: \(rebuilt.mounts), the first: \(built.mounts)")
+            #expect(FileManager.default.contents(atPath: sentinel) == Data("written after the first up\n".utf8),
+                    "the guest's data survived the second up")
+            #expect(try inode(of: database) == databaseInode, "the database was not recreated")
+
+            let statusRun = try await quiesce(["lab", "status", "--dir", lab.root, "--json"])
+            try #require(statusRun.succeeded, "lab status: \(shown(statusRun))")
+            let status = try JSONDecoder().decode(Lab.Status.self, from: Data(statusRun.stdout.utf8))
+            #expect(status.up)
+            for part in [status.datastore, status.guest, status.dr] {
+                #expect(part.exists && part.mounted && part.loopDevices.count == 1, "\(part)")
+            }
+            #expect(status.writers == ["app-hook", "ledger", "orders"])
+
+            let demoRun = try await quiesce(["lab", "demo", "--dir", lab.root, "--checkpoints", "2", "--interval", "0.5", "--json"],
+                                            timeout: .seconds(300))
+            #expect(demoRun.succeeded, "lab demo: \(shown(demoRun))")
+            let decoder = JSONDecoder()
+            decoder.dateDecodingStrategy = .iso8601
+            let report = try decoder.decode(Demo.Report.self, from: Data(demoRun.stdout.utf8))
+            #expect(report.ok)
+            #expect(report.checkpoints.count == 2)
+            for line in report.checkpoints {
+                let record = line.record
+                print("lab demo: checkpoint \(record.id) \(record.outcome.rawValue): freeze window "
+                      + "\(record.freezeWindowMs.map { String(format: "%.1f ms", $0) } ?? "-"), hold window "
+                      + "\(record.holdWindowMs.map { String(format: "%.1f ms", $0) } ?? "-")")
+                #expect(record.outcome == .completed, "\(record.id): \(line.error ?? "")")
+                #expect(line.error == nil)
+                #expect(record.snapshots.count == 1)
+                let check = try #require(line.check, "\(record.id) was not checked")
+                #expect(check.ok, "\(record.id): \(check.problems) \(check.writers.map { "\($0.writer): \($0.details)" })")
+                #expect(Set(check.writers.map(\.writer)) == ["app-hook", "ledger", "orders"])
+                for name in ["orders", "ledger"] {
+                    let marker = record.writers.first { $0.name == name }?.marker
+                    #expect(Int(marker?["marker_result"] ?? "") != nil, "\(name) recorded no row count: \(String(describing: marker))")
+                }
+            }
+            #expect(report.workloads.count == 4, "two inserters per database: \(report.workloads)")
+            for (name, summary) in report.workloads {
+                let rows = summary.split(separator: " ").first.flatMap { Int($0) } ?? 0
+                #expect(summary.hasSuffix("rows committed") && rows > 0, "\(name): \(summary)")
+            }
+
+            let down = try await quiesce(["lab", "down", "--dir", lab.root])
+            #expect(down.succeeded, "lab down: \(shown(down))")
+            lab.expectGone()
+        }
+    }
+
+    /// `kill -9` of `lab demo` in the middle of its checkpoints: nothing stays frozen (the guest
+    /// is thawed, the exec hook hears the end of every freeze it was told of, the application's
+    /// writes go on), and `lab down` then removes everything, its workload processes included.
+    @Test(.enabled(if: worlds))
+    func labDownAfterKillDashNineDuringDemoLeavesNothingBehind() async throws {
+        try TestEnvironment.requireWorlds()
+        try await withLabDirectory { lab in
+            let up = try await quiesce(["lab", "up", "--dir", lab.root] + Self.sizes)
+            try #require(up.succeeded, "lab up: \(shown(up))")
+
+            let demo = try ChildProcess("/bin/sh", [
+                "-c", #"exec "$0" lab demo --dir "$1" --checkpoints 50 --interval 0.2 >"$2" 2>&1"#,
+                try Executables.requireQuiesce(), lab.root, lab.scratch + "/demo.log",
+            ], stdin: .null, stdout: .null, stderr: .null)
+            var killed = false
+            defer {
+                if !killed {
+                    demo.signal(SIGKILL)
+                    demo.wait()
+                }
+            }
+            // Kill it inside a freeze window: once the exec hook (order 0, frozen first) has been told
+            // to freeze and not yet to thaw, so the sqlite writers' locks and perhaps the hold are
+            // under way. (If that never shows within a few seconds, once its catalog shows a checkpoint.)
+            let catalog = lab.root + "/state/catalog.db"
+            let hookLog = lab.root + "/logs/app-hook.log"
+            let giveUp = ContinuousClock.now + .seconds(15)
+            var insideFreeze = false
+            while ContinuousClock.now < giveUp, demo.poll() == nil {
+                if !HookCalls.unfinished(hookLog).isEmpty { insideFreeze = true; break }
+                if ContinuousClock.now > giveUp - .seconds(5), checkpointRows(catalog) >= 1 { break }
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            #expect(demo.poll() == nil, "lab demo ended before it was killed: \(lab.demoLog)")
+            demo.signal(SIGKILL, group: false)
+            let status = demo.wait()
+            killed = true
+            #expect(status == 128 + SIGKILL)
+            let killedAt = ContinuousClock.now
+            let frozenAtKill = HookCalls.unfinished(hookLog)
+            #expect(insideFreeze, "lab demo was not caught inside a freeze window: \(HookCalls.lines(hookLog)) \(lab.demoLog)")
+            #expect(checkpointRows(catalog) >= 1, "no checkpoint had started when lab demo was killed: \(lab.demoLog)")
+
+            // Nothing stays frozen. The guard runs its duties as soon as the coordinator is gone:
+            // every freeze the exec hook was told of is followed by thaw or freeze-failed.
+            while ContinuousClock.now - killedAt < .seconds(10), !HookCalls.unfinished(hookLog).isEmpty {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            #expect(HookCalls.unfinished(hookLog).isEmpty,
+                    "the exec hook was told to freeze and never to thaw for \(HookCalls.unfinished(hookLog)) (log: \(HookCalls.lines(hookLog)))")
+            // FITHAW succeeds only on a frozen filesystem.
+            let guest = lab.root + "/guest"
+            #expect(FilesystemHold.isMountPoint(guest))
+            #expect(try wasFrozen(guest) == false, "the guest filesystem was left frozen after kill -9")
+            // The killed demo's inserters are orphans now and keep writing: no write lock is left held.
+            let orders = lab.root + "/guest/app/orders.db"
+            let before = try rowCount(orders, table: "orders")
+            let growing = await eventually(within: .seconds(10), every: .milliseconds(100)) {
+                ((try? rowCount(orders, table: "orders")) ?? 0) > before
+            }
+            #expect(growing, "orders.db took no write after kill -9 (a lock or a freeze left behind?)")
+            print("lab demo killed -9 during checkpoint \(frozenAtKill) (\(checkpointRows(catalog)) checkpoint row(s)); "
+                  + "hook calls after the kill: \(HookCalls.lines(hookLog).suffix(2).map { $0.split(separator: " ").dropFirst().prefix(2).joined(separator: " ") })")
+
+            let down = try await quiesce(["lab", "down", "--dir", lab.root])
+            #expect(down.succeeded, "lab down: \(shown(down))")
+            lab.expectGone()
+            let strays = processes { $0.contains("lab-workload") && $0.contains(lab.root + "/") }
+            #expect(strays.isEmpty, "workload processes left running: \(strays)")
+        }
+    }
+
+    /// `lab status` reads the host's mount table: on a host with many mounts (a datastore server
+    /// with many guests) it must still see the lab's own. Runs in a mount namespace of its own, with
+    /// tmpfs standing in for the lab's filesystems, so no other test sees the extra mounts.
+    @Test(.enabled(if: worlds))
+    func labStatusSeesTheLabOnAHostWithManyMounts() async throws {
+        try TestEnvironment.requireWorlds()
+        guard let unshare = TestEnvironment.locate("unshare") else {
+            throw MissingPrerequisite("unshare not found (apt-get install util-linux)")
+        }
+        try await withLabDirectory { lab in
+            let script = #"""
+                set -e
+                top=$1
+                i=0
+                while [ $i -lt 150 ]; do
+                    mkdir -p "$top/scratch/other-mounts/$i"
+                    mount -t tmpfs -o size=64k other-guest "$top/scratch/other-mounts/$i"
+                    i=$((i + 1))
+                done
+                for part in datastore guest dr; do
+                    mkdir -p "$top/lab/$part"
+                    mount -t tmpfs -o size=64k "lab-$part" "$top/lab/$part"
+                done
+                echo "mount table: $(wc -c < /proc/self/mountinfo) bytes" >&2
+                exec "$0" lab status --dir "$top/lab" --json
+                """#
+            let run = try await ChildProcess.run(unshare, ["--mount", "--propagation", "private", "/bin/sh", "-c", script,
+                                                           try Executables.requireQuiesce(), lab.top], timeout: .seconds(120))
+            try #require(run.succeeded, "lab status in a namespace with many mounts: \(shown(run))")
+            let status = try JSONDecoder().decode(Lab.Status.self, from: Data(run.stdout.utf8))
+            let seen = "datastore \(status.datastore.mounted), guest \(status.guest.mounted), dr \(status.dr.mounted)"
+            #expect(status.datastore.mounted && status.guest.mounted && status.dr.mounted,
+                    "lab status missed mounts of the lab (\(run.stderr.trimmingCharacters(in: .whitespacesAndNewlines))): \(seen)")
+            #expect(status.up)
+        }
+    }
+}
+
+// MARK: a lab directory per test
+
+/// `/tmp/quiesce-labtest-XXXXXX/` holding the lab in `lab/` and the test's own files in `scratch/`.
+private struct LabDirectory: Sendable {
+    let top: String
+    var root: String { top + "/lab" }
+    var scratch: String { top + "/scratch" }
+
+    func inside(_ path: String) -> Bool {
+        let path = path.hasSuffix(" (deleted)") ? String(path.dropLast(" (deleted)".count)) : path
+        return path == top || path.hasPrefix(top + "/")
+    }
+
+    /// Loop devices backed by files below the directory, and mounts below it.
+    func footprint() -> (loops: [String], mounts: [String]) {
+        (LoopDevice.all().filter { inside($0.backing) }.map { "\($0.device) \($0.backing)" }.sorted(),
+         mountPoints(below: top))
+    }
+
+    /// What `lab down` must leave: nothing.
+    func expectGone(sourceLocation: SourceLocation = #_sourceLocation) {
+        let (loops, mounts) = footprint()
+        #expect(loops.isEmpty, "loop devices left: \(loops)", sourceLocation: sourceLocation)
+        #expect(mounts.isEmpty, "mounts left: \(mounts)", sourceLocation: sourceLocation)
+        #expect(!FileManager.default.fileExists(atPath: root), "\(root) is still there", sourceLocation: sourceLocation)
+    }
+
+    var demoLog: String { (try? String(contentsOfFile: scratch + "/demo.log", encoding: .utf8)) ?? "(no log)" }
+}
+
+/// Runs `body` with a fresh lab directory; afterwards, always: `lab down`, then as a last resort
+/// kills its workloads, thaws and unmounts what is mounted below it, detaches loop devices backed
+/// by files below it, and removes it. A leftover after a passing body fails the test.
+private func withLabDirectory(_ body: (LabDirectory) async throws -> Void) async throws {
+    var template = Array("/tmp/quiesce-labtest-XXXXXX".utf8CString)
+    guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!).map { String(cString: $0) } }) else {
+        throw POSIXFailure("mkdtemp /tmp/quiesce-labtest-XXXXXX", errno)
+    }
+    let real = realpath(made, nil).map { path in defer { free(path) }; return String(cString: path) } ?? made
+    chmod(real, 0o755)
+    let lab = LabDirectory(top: real)
+    try FileManager.default.createDirectory(atPath: lab.scratch, withIntermediateDirectories: true)
+
+    var failure: (any Error)?
+    do { try await body(lab) } catch { failure = error }
+
+    var problems: [String] = []
+    if FileManager.default.fileExists(atPath: lab.root) {
+        if let down = try? await quiesce(["lab", "down", "--dir", lab.root]), !down.succeeded {
+            problems.append("cleanup `lab down` failed: \(shown(down))")
+        }
+    }
+    for pid in processes({ $0.contains("lab-workload") && $0.contains(lab.top + "/") }) {
+        kill(pid, SIGKILL)
+        problems.append("killed stray workload pid \(pid)")
+    }
+    for mount in mountPoints(below: lab.top).sorted(by: { $0.count > $1.count }) {
+        await thawIfFrozen(mount)
+        do {
+            try await Mounts.unmount(mount)
+        } catch {
+            try? await Mounts.unmount(mount, lazily: true)
+        }
+        problems.append("unmounted \(mount)")
+    }
+    for loop in LoopDevice.all() where lab.inside(loop.backing) {
+        try? await LoopDevice.detach(loop.device)
+        problems.append("detached \(loop.device) (\(loop.backing))")
+    }
+    if mountPoints(below: lab.top).isEmpty {
+        try? FileManager.default.removeItem(atPath: lab.top)
+    } else {
+        problems.append("left \(lab.top) in place: still mounted")
+    }
+    if let failure {
+        if !problems.isEmpty {
+            FileHandle.standardError.write(Data("cleaning up \(lab.top) after a failure:\n\(problems.map { "  - \($0)" }.joined(separator: "\n"))\n".utf8))
+        }
+        throw failure
+    }
+    if !problems.isEmpty {
+        Issue.record("cleaning up \(lab.top) found leftovers: \(problems.joined(separator: "; "))")
+    }
+}
+
+// MARK: helpers
+
+/// Runs the built `quiesce` with `arguments`.
+private func quiesce(_ arguments: [String], timeout: Duration = .seconds(180)) async throws -> CommandResult {
+    try await ChildProcess.run(try Executables.requireQuiesce(), arguments, timeout: timeout)
+}
+
+/// A command's exit status and output, for failure messages.
+private func shown(_ result: CommandResult) -> String {
+    "exit \(result.status)\(result.timedOut ? " (timed out)" : "")\n--- stdout\n\(result.stdout)\n--- stderr\n\(result.stderr)"
+}
+
+/// Rows of the catalog's checkpoints table (0 while it does not exist yet or is locked).
+private func checkpointRows(_ catalog: String) -> Int {
+    guard FileManager.default.fileExists(atPath: catalog),
+          let connection = try? SQLiteConnection(path: catalog, mode: .readOnly, busyTimeout: .milliseconds(200)) else { return 0 }
+    defer { connection.close() }
+    return (try? connection.scalar("SELECT count(*) FROM checkpoints")?.int).flatMap { $0 }.map(Int.init) ?? 0
+}
+
+private func rowCount(_ database: String, table: String) throws -> Int64 {
+    let connection = try SQLiteConnection(path: database, mode: .readWrite)
+    defer { connection.close() }
+    connection.limitWaits(busyUntil: .now + .seconds(5)) { false }
+    return try connection.scalar("SELECT count(*) FROM \(table)")?.int ?? -1
+}
+
+/// The lab's exec hook log: `DATE ACTION checkpoint=ID volume=NAME` per call.
+private enum HookCalls {
+    static func lines(_ path: String) -> [String] {
+        ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+    }
+
+    /// Checkpoints the hook was told to freeze for and not yet to thaw or that the freeze failed.
+    static func unfinished(_ path: String) -> [String] {
+        var frozen = Set<String>(), ended = Set<String>()
+        for line in lines(path) {
+            let fields = line.split(separator: " ")
+            guard fields.count >= 3, fields[2].hasPrefix("checkpoint=") else { continue }
+            let id = String(fields[2].dropFirst("checkpoint=".count))
+            switch fields[1] {
+            case "freeze": frozen.insert(id)
+            case "thaw", "freeze-failed": ended.insert(id)
+            default: break
+            }
+        }
+        return frozen.subtracting(ended).sorted()
+    }
+}
+
+/// Process ids whose command line (arguments joined by spaces) matches.
+private func processes(_ predicate: (String) -> Bool) -> [pid_t] {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.compactMap { entry -> pid_t? in
+        guard let pid = pid_t(entry), pid != getpid(),
+              let data = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline"), !data.isEmpty else { return nil }
+        let cmdline = String(decoding: data.map { $0 == 0 ? UInt8(ascii: " ") : $0 }, as: UTF8.self)
+        return predicate(cmdline) ? pid : nil
+    }
+}
+
+private func inode(of path: String) throws -> ino_t {
+    var info = stat()
+    guard stat(path, &info) == 0 else { throw POSIXFailure("stat \(path)", errno) }
+    return info.st_ino
+}
+
+/// Mount points at or below `directory`, from the whole of /proc/self/mountinfo (read to its end
+/// with read(2): procfs hands it out a page at a time).
+private func mountPoints(below directory: String) -> [String] {
+    let fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return [] }
+    defer { close(fd) }
+    var bytes = [UInt8]()
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = read(fd, &buffer, buffer.count)
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { break }
+        bytes += buffer[0..<n]
+    }
+    return String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { line -> String? in
+        let fields = line.split(separator: " ")
+        guard fields.count > 4 else { return nil }
+        let mount = fields[4].replacingOccurrences(of: "\\040", with: " ")
+        return mount == directory || mount.hasPrefix(directory + "/") ? mount : nil
+    }
+}
+
+/// FITHAW on `mount`: true if it was frozen (and is now thawed), false if it was not.
+private func wasFrozen(_ mount: String) throws -> Bool {
+    let fd = try FilesystemHold.open(mount)
+    defer { close(fd) }
+    return try FilesystemHold.thaw(fd, mount: mount)
+}
