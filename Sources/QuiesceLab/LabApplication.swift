@@ -82,8 +82,7 @@ public struct SQLiteLabApplication: LabApplication {
                 timeout = "20s"
 
                 """
-            try spec.write(toFile: "\(lab.writersDirectory)/\(db.writer).toml", atomically: true, encoding: .utf8)
-            chmod("\(lab.writersDirectory)/\(db.writer).toml", 0o600)
+            try lab.registerWriter(db.writer, spec: spec)
         }
     }
 
@@ -144,12 +143,20 @@ public struct ExecHookLabApplication: LabApplication {
             timeout = "10s"
 
             """
-        try spec.write(toFile: "\(lab.writersDirectory)/app-hook.toml", atomically: true, encoding: .utf8)
-        chmod("\(lab.writersDirectory)/app-hook.toml", 0o600)
+        try lab.registerWriter("app-hook", spec: spec)
     }
 
     public func startWorkload(_ lab: LabLayout, executable: String) throws -> [LabWorkload] { [] }
     public func tearDown(_ lab: LabLayout) async {}
+}
+
+extension LabLayout {
+    /// Writes a writer's drop-in as `quiesce writers add` would install it (mode 0600).
+    func registerWriter(_ name: String, spec: String) throws {
+        let path = "\(writersDirectory)/\(name).toml"
+        try spec.write(toFile: path, atomically: true, encoding: .utf8)
+        chmod(path, 0o600)
+    }
 }
 
 public struct LabError: Error, Sendable, CustomStringConvertible {

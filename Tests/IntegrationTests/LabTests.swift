@@ -73,10 +73,15 @@ struct LabTests {
                 }
             }
             #expect(report.workloads.count == 4, "two inserters per database: \(report.workloads)")
-            for (name, summary) in report.workloads {
-                let rows = summary.split(separator: " ").first.flatMap { Int($0) } ?? 0
-                #expect(summary.hasSuffix("rows committed") && rows > 0, "\(name): \(summary)")
+            var committed: [String: Int] = [:]
+            for (name, summary) in report.workloads.sorted(by: { $0.key < $1.key }) {
+                print("lab demo: \(name): \(summary)")
+                #expect(summary.hasSuffix(" rows committed"), "\(name): \(summary)")
+                let database = String(name.prefix { $0 != " " })
+                committed[database, default: 0] += summary.split(separator: " ").first.flatMap { Int($0) } ?? 0
             }
+            #expect(committed["orders", default: 0] > 0 && committed["ledger", default: 0] > 0,
+                    "the workload wrote to both databases: \(committed)")
 
             let down = try await quiesce(["lab", "down", "--dir", lab.root])
             #expect(down.succeeded, "lab down: \(shown(down))")
