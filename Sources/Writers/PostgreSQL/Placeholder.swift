@@ -1,0 +1,1 @@
+// The postgresql writer (issue 4): see PostgreSQLWriter.swift.
