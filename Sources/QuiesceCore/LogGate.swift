@@ -8,7 +8,8 @@ public final class LogGate: Sendable {
     public static let shared = LogGate()
 
     private struct State {
-        var held = false
+        /// Holds in effect: several checkpoints may run in one process (tests, a future daemon).
+        var holds = 0
         var buffer: [String] = []
     }
     private let state = Mutex(State())
@@ -16,21 +17,25 @@ public final class LogGate: Sendable {
     public init() {}
 
     /// From now on, lines wait in memory.
-    public func hold() { state.withLock { $0.held = true } }
+    public func hold() { state.withLock { $0.holds += 1 } }
 
-    /// Write out what waited, and let lines through again.
+    /// Ends one hold; when none is left, writes out what waited and lets lines through again.
     public func release() {
         let lines = state.withLock { s -> [String] in
-            s.held = false
+            s.holds = max(0, s.holds - 1)
+            guard s.holds == 0 else { return [] }
             defer { s.buffer.removeAll() }
             return s.buffer
         }
         for line in lines { Self.writeStderr(line) }
     }
 
+    /// Lines waiting for the release (for tests).
+    var pending: [String] { state.withLock { $0.buffer } }
+
     func emit(_ line: String) {
         let passed = state.withLock { s -> Bool in
-            if s.held { s.buffer.append(line); return false }
+            if s.holds > 0 { s.buffer.append(line); return false }
             return true
         }
         if passed { Self.writeStderr(line) }

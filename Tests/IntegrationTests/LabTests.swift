@@ -110,9 +110,10 @@ struct LabTests {
                     demo.wait()
                 }
             }
-            // Kill it inside a freeze window: once the exec hook (order 0, frozen first) has been told
-            // to freeze and not yet to thaw, so the sqlite writers' locks and perhaps the hold are
-            // under way. (If that never shows within a few seconds, once its catalog shows a checkpoint.)
+            // Kill it inside a freeze window: a random 0-250 ms after the exec hook (order 0, frozen
+            // first) was told to freeze, so that the kill lands while the sqlite writers take their
+            // locks, during the hold, or while thawing. (If no freeze shows within a few seconds,
+            // once its catalog shows a checkpoint.)
             let catalog = lab.root + "/state/catalog.db"
             let hookLog = lab.root + "/logs/app-hook.log"
             let giveUp = ContinuousClock.now + .seconds(15)
@@ -122,6 +123,8 @@ struct LabTests {
                 if ContinuousClock.now > giveUp - .seconds(5), checkpointRows(catalog) >= 1 { break }
                 try await Task.sleep(for: .milliseconds(5))
             }
+            let delay = Int.random(in: 0..<250)
+            if insideFreeze { try await Task.sleep(for: .milliseconds(delay)) }
             #expect(demo.poll() == nil, "lab demo ended before it was killed: \(lab.demoLog)")
             demo.signal(SIGKILL, group: false)
             let status = demo.wait()
@@ -150,7 +153,7 @@ struct LabTests {
                 ((try? rowCount(orders, table: "orders")) ?? 0) > before
             }
             #expect(growing, "orders.db took no write after kill -9 (a lock or a freeze left behind?)")
-            print("lab demo killed -9 during checkpoint \(frozenAtKill) (\(checkpointRows(catalog)) checkpoint row(s)); "
+            print("lab demo killed -9 \(delay) ms after the hook's freeze, unfinished right after it: \(frozenAtKill) (\(checkpointRows(catalog)) checkpoint row(s)); "
                   + "hook calls after the kill: \(HookCalls.lines(hookLog).suffix(2).map { $0.split(separator: " ").dropFirst().prefix(2).joined(separator: " ") })")
 
             let down = try await quiesce(["lab", "down", "--dir", lab.root])

@@ -1,5 +1,5 @@
 import Foundation
-import QuiesceCore
+@testable import QuiesceCore
 import Testing
 
 @Suite struct ChildProcessTests {
@@ -27,5 +27,19 @@ import Testing
         let result = try await ChildProcess.run("/bin/sh", ["-c", "ls /proc/self/fd"])
         let descriptors = result.stdout.split(separator: "\n").compactMap { Int($0) }
         #expect(!descriptors.contains(Int(fd)), "descriptor \(fd) leaked into the child: \(descriptors)")
+    }
+}
+
+@Suite struct LogGateTests {
+    @Test func linesWaitUntilTheLastHoldIsReleased() {
+        let gate = LogGate()
+        gate.hold()
+        gate.hold()
+        gate.emit("held line")
+        #expect(gate.pending == ["held line"])
+        gate.release()
+        #expect(gate.pending == ["held line"], "released while another hold was in effect")
+        gate.release()
+        #expect(gate.pending.isEmpty)
     }
 }
