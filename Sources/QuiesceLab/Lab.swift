@@ -171,7 +171,7 @@ public struct Lab: Sendable {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
         return entries.compactMap { entry -> pid_t? in
             guard let pid = pid_t(entry), pid != own,
-                  let data = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline"), !data.isEmpty else { return nil }
+                  let data = KernelFile.read("/proc/\(entry)/cmdline"), !data.isEmpty else { return nil }
             let cmdline = String(decoding: data.map { $0 == 0 ? UInt8(ascii: " ") : $0 }, as: UTF8.self)
             return predicate(cmdline) ? pid : nil
         }

@@ -3,6 +3,7 @@ import QuiesceCore
 import QuiesceLab
 import QuiesceSQLite
 import QuiesceTestSupport
+import Synchronization
 import Testing
 
 private let worlds = TestEnvironment.canBuildWorlds || TestEnvironment.isCI
@@ -235,7 +236,9 @@ private struct LabDirectory: Sendable {
 /// Runs `body` with a fresh lab directory; afterwards, always: `lab down`, then as a last resort
 /// kills its workloads, thaws and unmounts what is mounted below it, detaches loop devices backed
 /// by files below it, and removes it. A leftover after a passing body fails the test.
+/// Once per process, first releases lab directories whose test process died (crash, `kill -9`).
 private func withLabDirectory(_ body: (LabDirectory) async throws -> Void) async throws {
+    await reclaimAbandonedLabDirectories()
     var template = Array("/tmp/quiesce-labtest-XXXXXX".utf8CString)
     guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!).map { String(cString: $0) } }) else {
         throw POSIXFailure("mkdtemp /tmp/quiesce-labtest-XXXXXX", errno)
@@ -243,11 +246,30 @@ private func withLabDirectory(_ body: (LabDirectory) async throws -> Void) async
     let real = realpath(made, nil).map { path in defer { free(path) }; return String(cString: path) } ?? made
     chmod(real, 0o755)
     let lab = LabDirectory(top: real)
+    if let start = processStartTime(getpid()) {
+        try "\(getpid()) \(start)\n".write(toFile: lab.top + "/.owner", atomically: true, encoding: .utf8)
+    }
     try FileManager.default.createDirectory(atPath: lab.scratch, withIntermediateDirectories: true)
 
     var failure: (any Error)?
     do { try await body(lab) } catch { failure = error }
 
+    let problems = await release(lab)
+    if let failure {
+        if !problems.isEmpty {
+            FileHandle.standardError.write(Data("cleaning up \(lab.top) after a failure:\n\(problems.map { "  - \($0)" }.joined(separator: "\n"))\n".utf8))
+        }
+        throw failure
+    }
+    if !problems.isEmpty {
+        Issue.record("cleaning up \(lab.top) found leftovers: \(problems.joined(separator: "; "))")
+    }
+}
+
+/// `lab down`, then whatever it left: workload processes, mounts (a filesystem once nothing is
+/// mounted below it and no loop device is backed by a file on it), loop devices, the directory.
+/// Returns what it had to do beyond `lab down`, and what it could not.
+private func release(_ lab: LabDirectory) async -> [String] {
     var problems: [String] = []
     if FileManager.default.fileExists(atPath: lab.root) {
         if let down = try? await quiesce(["lab", "down", "--dir", lab.root]), !down.succeeded {
@@ -258,33 +280,59 @@ private func withLabDirectory(_ body: (LabDirectory) async throws -> Void) async
         kill(pid, SIGKILL)
         problems.append("killed stray workload pid \(pid)")
     }
-    for mount in mountPoints(below: lab.top).sorted(by: { $0.count > $1.count }) {
-        await thawIfFrozen(mount)
-        do {
-            try await Mounts.unmount(mount)
-        } catch {
-            try? await Mounts.unmount(mount, lazily: true)
+    for mount in mountPoints(below: lab.top) { await thawIfFrozen(mount) }
+    for _ in 0..<20 {
+        let mounts = mountPoints(below: lab.top)
+        let sources = Set(mountTable().map(\.source))
+        for loop in LoopDevice.all() where lab.inside(loop.backing) && !sources.contains(loop.device) {
+            try? await LoopDevice.detach(loop.device)
+            problems.append("detached \(loop.device) (\(loop.backing))")
         }
-        problems.append("unmounted \(mount)")
+        if mounts.isEmpty { break }
+        let loops = LoopDevice.all().filter { lab.inside($0.backing) }
+        for mount in mounts where !mounts.contains(where: { $0.hasPrefix(mount + "/") })
+            && !loops.contains(where: { $0.backing.hasPrefix(mount + "/") }) {
+            if (try? await Mounts.unmount(mount)) != nil { problems.append("unmounted \(mount)") }
+        }
+        try? await Task.sleep(for: .milliseconds(100))
     }
-    for loop in LoopDevice.all() where lab.inside(loop.backing) {
-        try? await LoopDevice.detach(loop.device)
-        problems.append("detached \(loop.device) (\(loop.backing))")
+    for mount in mountPoints(below: lab.top).sorted(by: { $0.count > $1.count }) {
+        try? await Mounts.unmount(mount, lazily: true)
+        problems.append("\(mount) was busy: unmounted lazily")
     }
     if mountPoints(below: lab.top).isEmpty {
         try? FileManager.default.removeItem(atPath: lab.top)
     } else {
         problems.append("left \(lab.top) in place: still mounted")
     }
-    if let failure {
-        if !problems.isEmpty {
-            FileHandle.standardError.write(Data("cleaning up \(lab.top) after a failure:\n\(problems.map { "  - \($0)" }.joined(separator: "\n"))\n".utf8))
-        }
-        throw failure
+    return problems
+}
+
+private let reclaimed = Mutex(false)
+
+/// `/tmp/quiesce-labtest-*` directories whose owning test process is gone: released once per process.
+private func reclaimAbandonedLabDirectories() async {
+    let first = reclaimed.withLock { done -> Bool in
+        defer { done = true }
+        return !done
     }
-    if !problems.isEmpty {
-        Issue.record("cleaning up \(lab.top) found leftovers: \(problems.joined(separator: "; "))")
+    guard first else { return }
+    for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/tmp")) ?? [] where entry.hasPrefix("quiesce-labtest-") {
+        let top = "/tmp/\(entry)"
+        guard let owner = try? String(contentsOfFile: top + "/.owner", encoding: .utf8) else { continue }
+        let parts = owner.split(whereSeparator: \.isWhitespace)
+        guard parts.count == 2, let pid = pid_t(parts[0]), processStartTime(pid) != String(parts[1]) else { continue }
+        let problems = await release(LabDirectory(top: top))
+        FileHandle.standardError.write(Data("reclaimed abandoned lab test directory \(top): \(problems.joined(separator: "; "))\n".utf8))
     }
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks): a pid and its start time name one process.
+private func processStartTime(_ pid: pid_t) -> String? {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = stat.lastIndex(of: ")") else { return nil }
+    let fields = stat[stat.index(after: close)...].split(separator: " ")
+    return fields.count > 19 ? String(fields[19]) : nil
 }
 
 // MARK: helpers
@@ -354,9 +402,14 @@ private func inode(of path: String) throws -> ino_t {
     return info.st_ino
 }
 
-/// Mount points at or below `directory`, from the whole of /proc/self/mountinfo (read to its end
-/// with read(2): procfs hands it out a page at a time).
+/// Mount points at or below `directory`.
 private func mountPoints(below directory: String) -> [String] {
+    mountTable().map(\.mountPoint).filter { $0 == directory || $0.hasPrefix(directory + "/") }
+}
+
+/// Every mount of this process's namespace and its source, from the whole of /proc/self/mountinfo
+/// (read to its end with read(2): procfs hands it out a page at a time).
+private func mountTable() -> [(mountPoint: String, source: String)] {
     let fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return [] }
     defer { close(fd) }
@@ -368,11 +421,11 @@ private func mountPoints(below directory: String) -> [String] {
         guard n > 0 else { break }
         bytes += buffer[0..<n]
     }
-    return String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { line -> String? in
-        let fields = line.split(separator: " ")
-        guard fields.count > 4 else { return nil }
-        let mount = fields[4].replacingOccurrences(of: "\\040", with: " ")
-        return mount == directory || mount.hasPrefix(directory + "/") ? mount : nil
+    // `36 35 98:0 /root /mnt rw,noatime master:1 - ext3 /dev/root rw,errors=continue`
+    return String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { line in
+        let fields = line.split(separator: " ").map { $0.replacingOccurrences(of: "\\040", with: " ") }
+        guard fields.count > 4, let dash = fields.firstIndex(of: "-"), dash + 2 < fields.count else { return nil }
+        return (fields[4], fields[dash + 2])
     }
 }
 

@@ -52,7 +52,7 @@ public enum LoopDevice {
     public static func backingFile(of device: String) -> String? {
         let name = (device as NSString).lastPathComponent
         guard name.hasPrefix("loop"),
-              let text = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else { return nil }
+              let text = KernelFile.text("/sys/block/\(name)/loop/backing_file") else { return nil }
         let path = text.hasSuffix("\n") ? String(text.dropLast()) : text
         return path.isEmpty ? nil : path
     }

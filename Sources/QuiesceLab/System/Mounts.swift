@@ -78,7 +78,7 @@ public enum Mounts {
 
     /// Every mount of this process's namespace.
     public static func entries() -> [MountEntry] {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+        guard let text = KernelFile.text("/proc/self/mountinfo") else { return [] }
         return text.split(separator: "\n").compactMap(parse)
     }
 
