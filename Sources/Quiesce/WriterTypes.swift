@@ -1,4 +1,5 @@
 import ExecWriter
+import PostgreSQLWriter
 import QuiesceConfig
 import QuiesceCore
 import SQLiteWriter
@@ -8,6 +9,7 @@ public enum WriterTypes {
     public static let factories: [any WriterFactory] = [
         ExecWriterFactory(),
         SQLiteWriterFactory(),
+        PostgreSQLWriterFactory(),
     ]
 
     public static var names: [String] { factories.map(\.type).sorted() }

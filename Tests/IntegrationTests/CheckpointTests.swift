@@ -58,28 +58,31 @@ struct CheckpointTests {
     @Test func writeIssuedDuringTheHoldCompletesAfterReleaseAndIsAbsentFromTheSnapshot() async throws {
         try await TestWorld.with { world in
             let site = try TestSite(world)
-            let frozenMark = world.path("frozen")
-            try site.addExecWriter("app", onFreeze: "touch \(frozenMark)")
-            // A capture as slow as a struggling datastore's keeps the guest held for 1.5 s.
-            let coordinator = try site.startCLI(["checkpoint", "--json"], environment: ["QUIESCE_FAULT_HOLD_PAUSE_MS": "1500"])
-            #expect(await eventually(within: .seconds(20)) { FileManager.default.fileExists(atPath: frozenMark) })
-            try await Task.sleep(for: .milliseconds(400))  // the writers are frozen; the hold follows within milliseconds
-
-            let issued = ContinuousClock.now
-            try await writeDurably("written during the hold\n", to: "\(world.guest)/late.txt")
-            let blocked = ContinuousClock.now - issued
-
-            let status = try await runBlocking { coordinator.wait() }
-            let output = drain(coordinator.stdoutFD)
-            #expect(status == 0, "checkpoint failed: \(drain(coordinator.stderrFD))")
-            #expect(blocked > .milliseconds(500), "the write was not held (took \(blocked))")
-            let record = try JSONDecoder.iso8601.decode(CheckpointRecord.self, from: Data(output.utf8))
-            #expect(try String(contentsOfFile: "\(world.guest)/late.txt", encoding: .utf8) == "written during the hold\n")
+            try site.addExecWriter("app")
+            let probes = "\(world.guest)/probes"
+            try FileManager.default.createDirectory(atPath: probes, withIntermediateDirectories: true)
+            // An application writing continuously; a capture as slow as a struggling datastore's
+            // keeps the guest held for 1.5 s.
+            let probe = StallProbe(directory: probes)
+            let result = try await site.runCLI(["checkpoint", "--json"], environment: ["QUIESCE_FAULT_HOLD_PAUSE_MS": "1500"])
+            await probe.stop()
+            #expect(result.status == 0, "checkpoint failed: \(result.stderr)")
+            let record = try JSONDecoder.iso8601.decode(CheckpointRecord.self, from: Data(result.stdout.utf8))
             let snapshot = try #require(record.snapshots.first)
-            let present = try await world.withMountedCopy(of: snapshot.path) { root in
-                FileManager.default.fileExists(atPath: "\(root)/late.txt")
+
+            let writes = probe.writes
+            let held = try #require(writes.firstIndex { w in w.completed.map { $0 - w.issued > .seconds(1) } ?? false },
+                                    "no write was held by the checkpoint")
+            #expect(held > 0, "the probe had not written before the hold")
+            let (heldName, before) = (writes[held].name, writes[held - 1].name)
+            let live = FileManager.default.fileExists(atPath: "\(probes)/\(heldName)")
+            let (heldInSnapshot, beforeInSnapshot) = try await world.withMountedCopy(of: snapshot.path) { root in
+                (FileManager.default.fileExists(atPath: "\(root)/probes/\(heldName)"),
+                 FileManager.default.fileExists(atPath: "\(root)/probes/\(before)"))
             }
-            #expect(!present, "a write issued during the hold is in the snapshot")
+            #expect(live, "the write held during the checkpoint was lost")
+            #expect(!heldInSnapshot, "a write issued during the hold is in the snapshot")
+            #expect(beforeInSnapshot, "a write completed before the hold is missing from the snapshot")
         }
     }
 

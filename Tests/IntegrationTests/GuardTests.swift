@@ -35,26 +35,27 @@ struct GuardTests {
             #expect(thawed, "writers not thawed: app \(site.calls("app")), slow \(site.calls("slow"))")
             #expect(after < .seconds(1) + .milliseconds(500), "thawed \(after) after the coordinator died")
             #expect(try await timeToWrite(world) < .seconds(1))
+            coordinator.terminate()
         }
     }
 
     @Test func killedCoordinatorDuringTheHoldLeavesTheMountWritable() async throws {
         try await TestWorld.with { world in
             let site = try TestSite(world, holdTimeout: "30s")
-            let frozenMark = world.path("frozen")
-            try site.addExecWriter("app", onFreeze: "touch \(frozenMark)")
+            try site.addExecWriter("app")
+            let probe = StallProbe(directory: world.guest)
             let coordinator = try site.startCLI(["checkpoint"], environment: ["QUIESCE_FAULT_HOLD_PAUSE_MS": "25000"])
-            #expect(await eventually(within: .seconds(20)) { FileManager.default.fileExists(atPath: frozenMark) })
-            try await Task.sleep(for: .milliseconds(500))  // now inside the hold
-
-            // A write issued now blocks: the guest really is frozen.
-            let probe = Task { try await timeToWrite(world) }
-            try await Task.sleep(for: .milliseconds(300))
+            // A write pending for 200 ms: the guest is held.
+            let stalled = await probe.waitForStall(within: .seconds(30))
+            #expect(stalled != nil, "the guest was never held")
             coordinator.signal(SIGKILL, group: false)
-            let blocked = try await probe.value
-            #expect(blocked > .milliseconds(250), "the guest was not frozen during the hold")
-            #expect(blocked < .seconds(1) + .milliseconds(300), "the guest stayed frozen \(blocked) after the coordinator died")
-            _ = try await runBlocking { coordinator.wait() }
+            let killed = ContinuousClock.now
+            await probe.stop()
+            if let stalled, let completed = probe.completion(of: stalled.name) {
+                #expect(completed - killed < .seconds(1), "the guest stayed frozen \(completed - killed) after the coordinator died")
+            }
+            let exitCode = await exitStatus(of: coordinator, within: .seconds(5))
+            #expect(exitCode == 128 + SIGKILL)
             #expect(await eventually(within: .seconds(3)) { site.calls("app").last == "freeze-failed" })
 
             // The next run records the interrupted checkpoint as aborted and removes its partial snapshot.
@@ -63,28 +64,30 @@ struct GuardTests {
             let records = try site.installation().listCheckpoints(limit: nil)
             #expect(records.map(\.outcome) == [.aborted, .completed])
             #expect(records.first?.error?.contains("stopped during the checkpoint") ?? false)
-            #expect(site.snapshotFiles() == ["\(records[1].id).img"])
+            #expect(site.snapshotFiles() == records.dropFirst().map { "\($0.id).img" })
+            coordinator.terminate()
         }
     }
 
     @Test func hungCoordinatorDuringTheHoldIsKilledAndTheMountReleasedAtTheHoldLimit() async throws {
         try await TestWorld.with { world in
-            let site = try TestSite(world, holdTimeout: "2s")
-            let frozenMark = world.path("frozen")
-            try site.addExecWriter("app", onFreeze: "touch \(frozenMark)")
+            let site = try TestSite(world, holdTimeout: "4s")
+            try site.addExecWriter("app")
+            let probe = StallProbe(directory: world.guest)
             let coordinator = try site.startCLI(["checkpoint"], environment: ["QUIESCE_FAULT_HOLD_PAUSE_MS": "25000"])
-            #expect(await eventually(within: .seconds(20)) { FileManager.default.fileExists(atPath: frozenMark) })
-            try await Task.sleep(for: .milliseconds(300))
+            let stalled = await probe.waitForStall(within: .seconds(30))
+            #expect(stalled != nil, "the guest was never held")
             // Stop the coordinator mid-hold, as a deadlock or a stuck syscall would.
             coordinator.signal(SIGSTOP, group: false)
-            let stopped = ContinuousClock.now
-            let blocked = try await timeToWrite(world)
-            let frozenFor = ContinuousClock.now - stopped
-            #expect(blocked > .milliseconds(500), "the guest was not frozen during the hold")
-            // hold_timeout (2 s) + the guard's grace, within "deadline plus one second".
-            #expect(frozenFor < .seconds(3), "the guest stayed frozen \(frozenFor)")
-            let status = try await runBlocking { coordinator.wait() }
-            #expect(status == 128 + SIGKILL, "the guard did not kill the hung coordinator (status \(status))")
+            await probe.stop()
+            let status = await exitStatus(of: coordinator, within: .seconds(10))
+            coordinator.terminate()
+            #expect(status == 128 + SIGKILL, "the guard did not kill the hung coordinator (status \(String(describing: status)))")
+            if let stalled {
+                let completed = try #require(probe.completion(of: stalled.name), "the guest is still frozen")
+                // hold_timeout (4 s) + the guard's grace: within "deadline plus one second".
+                #expect(completed - stalled.issued < .seconds(5), "the guest stayed frozen \(completed - stalled.issued)")
+            }
             #expect(await eventually(within: .seconds(3)) { site.calls("app").last == "freeze-failed" })
         }
     }

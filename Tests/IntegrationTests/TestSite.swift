@@ -133,3 +133,93 @@ func drain(_ fd: Int32) -> String {
     }
     return String(decoding: output, as: UTF8.self)
 }
+
+/// Writes small files into a directory in a loop (open, write, fsync, close), recording when
+/// each was issued and completed: a write pending for long means the filesystem is held.
+/// It tells a test *that* the guest is frozen, instead of guessing when from a sleep.
+final class StallProbe: @unchecked Sendable {
+    struct Write: Sendable {
+        var name: String
+        var issued: ContinuousClock.Instant
+        var completed: ContinuousClock.Instant?
+    }
+
+    private let directory: String
+    private let lock = NSLock()
+    private var log: [Write] = []
+    private var stopping = false
+    private let finished = DispatchSemaphore(value: 0)
+
+    init(directory: String) {
+        self.directory = directory
+        let thread = Thread { [self] in run() }
+        thread.start()
+    }
+
+    var writes: [Write] { lock.withLock { log } }
+
+    private func run() {
+        var seq = 0
+        while !lock.withLock({ stopping }) {
+            seq += 1
+            let name = String(format: "probe-%06d", seq)
+            lock.withLock { log.append(Write(name: name, issued: .now)) }
+            let fd = open("\(directory)/\(name)", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            if fd >= 0 {
+                _ = name.withCString { write(fd, $0, strlen($0)) }
+                fsync(fd)
+                close(fd)
+            }
+            lock.withLock { log[log.count - 1].completed = .now }
+            usleep(2_000)
+        }
+        finished.signal()
+    }
+
+    /// The write pending right now, if it has been pending longer than `threshold`.
+    func stalled(longerThan threshold: Duration) -> Write? {
+        guard let last = writes.last, last.completed == nil, ContinuousClock.now - last.issued > threshold else { return nil }
+        return last
+    }
+
+    /// Waits until a write has been pending longer than `threshold` (the filesystem is held).
+    func waitForStall(longerThan threshold: Duration = .milliseconds(200), within limit: Duration) async -> Write? {
+        let deadline = ContinuousClock.now + limit
+        while ContinuousClock.now < deadline {
+            if let write = stalled(longerThan: threshold) { return write }
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        return nil
+    }
+
+    /// When the write named `name` completed (nil if it has not, yet).
+    func completion(of name: String) -> ContinuousClock.Instant? {
+        writes.first { $0.name == name }?.completed
+    }
+
+    /// Stops the loop (waiting for the write in flight, which may be held by a freeze).
+    func stop() async {
+        lock.withLock { stopping = true }
+        let finished = self.finished
+        _ = try? await runBlocking { finished.wait() }
+    }
+}
+
+/// Waits for a child to exit, at most `limit`; nil if it is still running.
+func exitStatus(of child: ChildProcess, within limit: Duration) async -> Int32? {
+    let deadline = ContinuousClock.now + limit
+    while ContinuousClock.now < deadline {
+        if let status = child.poll() { return status }
+        try? await Task.sleep(for: .milliseconds(20))
+    }
+    return child.poll()
+}
+
+extension ChildProcess {
+    /// Whatever happened in the test, the child must not outlive it (nor stay stopped).
+    func terminate() {
+        signal(SIGKILL, group: false)
+        signal(SIGCONT, group: false)
+        wait()
+    }
+}

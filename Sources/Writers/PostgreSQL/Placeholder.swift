@@ -1,1 +1,0 @@
-// The postgresql writer (issue 4): see PostgreSQLWriter.swift.

@@ -1,0 +1,267 @@
+import Foundation
+import QuiesceCore
+
+extension PostgreSQLWriter {
+    /// How long the server on a copy may take to recover and accept connections.
+    static let verifyStartLimit: Duration = .seconds(120)
+    /// The operating-system user the server runs as on a copy.
+    static let serverUser = "postgres"
+
+    /// Starts PostgreSQL on a copy of the snapshot set and checks it against the marker:
+    /// the server recovers and accepts connections within the deadline, is not in recovery,
+    /// its WAL position is at least the marker's, and `pg_amcheck --all` is clean.
+    ///
+    /// The copy is a throwaway clone and must be writable: its data directory is given to the
+    /// `postgres` user, the live server's `postmaster.pid` is removed from it, and `pg_wal` or
+    /// tablespace symlinks that point at live paths are re-pointed into the copy. The server
+    /// listens on a Unix socket in a private directory only (no TCP), with WAL archiving off
+    /// (a copy must never push WAL into the live archive) and trust authentication for local
+    /// connections. The amcheck extension is installed in the copy's databases if missing.
+    /// The server is stopped afterwards, also when a check fails.
+    public func verify(copy: CopyLayout, marker: ConsistencyMarker) async throws -> VerifyReport {
+        try await runBlocking { [self] in try verifyCopy(copy, marker: marker) }
+    }
+
+    func verifyCopy(_ copy: CopyLayout, marker: ConsistencyMarker) throws -> VerifyReport {
+        var checks = PGVerifyChecks()
+        guard let live = marker[Self.dataDirectoryKey] ?? dataDirectory else {
+            checks.fail("the marker records no data_directory, and the spec sets none: cannot find the data directory in the copy")
+            return checks.report
+        }
+        guard let directory = copy.translate(live) else {
+            checks.fail("the data directory \(live) is on no volume of the copy (copied mounts: \(copy.mounts.keys.sorted().joined(separator: ", ")))")
+            return checks.report
+        }
+        guard FileManager.default.fileExists(atPath: directory + "/PG_VERSION") else {
+            checks.fail("the copy has no PostgreSQL data directory at \(directory) (no PG_VERSION)")
+            return checks.report
+        }
+        guard access(directory, W_OK) == 0 else {
+            checks.fail("the copy at \(directory) is not writable: PostgreSQL must replay its WAL on it (mount a writable clone of the snapshot)")
+            return checks.report
+        }
+        let version = ((try? String(contentsOfFile: directory + "/PG_VERSION", encoding: .utf8)) ?? "")
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        let bin: String
+        do { bin = try Self.binaryDirectory(major: version) } catch {
+            checks.fail("\(error)")
+            return checks.report
+        }
+        guard let ids = Self.userIDs(Self.serverUser) else {
+            checks.fail("there is no \(Self.serverUser) user on this machine to run the server on the copy (install PostgreSQL \(version))")
+            return checks.report
+        }
+
+        // Make the clone startable: ours to change, never the live system.
+        do {
+            try prepareCopy(directory, copy: copy, owner: ids, checks: &checks)
+        } catch {
+            checks.fail("\(error)")
+            return checks.report
+        }
+        let runsAs = try ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", "test", "-x", directory],
+                                              timeout: .seconds(10))
+        guard runsAs.succeeded else {
+            checks.fail("the \(Self.serverUser) user cannot reach \(directory): every directory above the copy must be searchable by it (chmod o+x)")
+            return checks.report
+        }
+
+        let privateDirectory: String
+        do { privateDirectory = try Self.makePrivateDirectory(owner: ids) } catch {
+            checks.fail("cannot create a private socket directory: \(error)")
+            return checks.report
+        }
+        defer { try? FileManager.default.removeItem(atPath: privateDirectory) }
+        let log = privateDirectory + "/server.log"
+        let port = Self.freePort()
+        do {
+            try "local all all trust\n".write(toFile: privateDirectory + "/pg_hba.conf", atomically: false, encoding: .utf8)
+            _ = chown(privateDirectory + "/pg_hba.conf", ids.uid, ids.gid)
+        } catch {
+            checks.fail("cannot write the copy's pg_hba.conf: \(error)")
+            return checks.report
+        }
+        var options = [
+            "-c listen_addresses=''", "-c unix_socket_directories='\(privateDirectory)'", "-p \(port)",
+            "-c hba_file='\(privateDirectory)/pg_hba.conf'", "-c archive_mode=off", "-c logging_collector=off",
+            "-c data_directory='\(directory)'",
+        ]
+        if !FileManager.default.fileExists(atPath: directory + "/postgresql.conf") {
+            // Debian keeps postgresql.conf in /etc/postgresql: start the copy with the defaults.
+            FileManager.default.createFile(atPath: privateDirectory + "/postgresql.conf", contents: Data())
+            _ = chown(privateDirectory + "/postgresql.conf", ids.uid, ids.gid)
+            options.append("-c config_file='\(privateDirectory)/postgresql.conf'")
+            checks.pass("the copy has no postgresql.conf: started with PostgreSQL's defaults")
+        }
+        FileManager.default.createFile(atPath: log, contents: Data())
+        _ = chown(log, ids.uid, ids.gid)
+
+        let started = ContinuousClock.now
+        let start = try ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", bin + "/pg_ctl", "start",
+            "-D", directory, "-l", log, "-w", "-t", "\(Int(Self.verifyStartLimit.seconds))", "-o", options.joined(separator: " ")],
+            timeout: Self.verifyStartLimit + .seconds(10))
+        defer {
+            // Always: a server left running would hold the copy's mount.
+            let stop = try? ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", bin + "/pg_ctl", "stop",
+                "-D", directory, "-m", "fast", "-w", "-t", "30"], timeout: .seconds(40))
+            if stop?.succeeded != true, FileManager.default.fileExists(atPath: directory + "/postmaster.pid") {
+                _ = try? ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", bin + "/pg_ctl", "stop",
+                    "-D", directory, "-m", "immediate", "-w", "-t", "30"], timeout: .seconds(40))
+            }
+        }
+        let recovery = Self.recoveryLines(log)
+        guard start.succeeded else {
+            checks.fail("PostgreSQL did not start on the copy within \(formatDuration(Self.verifyStartLimit)): "
+                        + PGConnection.trim(start.stdout + start.stderr))
+            for line in Self.tail(log, lines: 15) { checks.pass("server log: " + line) }
+            return checks.report
+        }
+        checks.pass("PostgreSQL \(version) started on the copy in \(formatDuration(ContinuousClock.now - started)) (as \(Self.serverUser), Unix socket only)")
+        for line in recovery { checks.pass("recovery: " + line) }
+
+        do {
+            let connection = try PGConnection(conninfo: "host='\(privateDirectory)' port=\(port) dbname=postgres user=\(Self.serverUser)",
+                                              connectTimeout: .seconds(10), passfile: nil, statementTimeout: nil,
+                                              applicationName: "quiesce verify")
+            defer { connection.close() }
+            let inRecovery = try connection.scalar("SELECT pg_is_in_recovery()::text")
+            if inRecovery == "false" {
+                checks.pass("pg_is_in_recovery(): false")
+            } else {
+                checks.fail("pg_is_in_recovery(): \(inRecovery ?? "null"): the copy is a standby, or recovery did not finish")
+            }
+            let current = try connection.scalar(inRecovery == "false" ? "SELECT pg_current_wal_lsn()::text" : "SELECT pg_last_wal_replay_lsn()::text")
+            if let recorded = marker[Self.lsnKey], let expected = LSN(recorded) {
+                if let found = current.flatMap(LSN.init), found >= expected {
+                    checks.pass("WAL position \(found) ≥ \(expected), the LSN recorded at freeze")
+                } else {
+                    checks.fail("WAL position \(current ?? "null") in the copy is before \(recorded), the LSN recorded at freeze: "
+                                + "the snapshot does not hold what was committed before the freeze")
+                }
+            } else {
+                checks.fail("the marker records no valid lsn (\(marker[Self.lsnKey] ?? "none"))")
+            }
+        } catch {
+            checks.fail("cannot query the server on the copy: \(error)")
+            return checks.report
+        }
+
+        let amcheck = try ChildProcess.runSync(bin + "/pg_amcheck", ["--all", "--install-missing", "-h", privateDirectory,
+            "-p", "\(port)", "-U", Self.serverUser, "--no-password"], timeout: Self.verifyStartLimit)
+        if amcheck.succeeded {
+            checks.pass("pg_amcheck --all: clean")
+        } else {
+            let output = (amcheck.stdout + amcheck.stderr).split(separator: "\n").prefix(20).joined(separator: "; ")
+            checks.fail("pg_amcheck --all \(amcheck.timedOut ? "timed out" : "exited \(amcheck.status)"): \(output)")
+        }
+        return checks.report
+    }
+
+    /// Removes the live server's lock file and re-points symlinks to live paths, then gives the
+    /// data directory (and WAL directory and tablespaces inside the copy) to the server's user.
+    private func prepareCopy(_ directory: String, copy: CopyLayout, owner: (uid: uid_t, gid: gid_t),
+                             checks: inout PGVerifyChecks) throws {
+        if unlink(directory + "/postmaster.pid") == 0 {
+            checks.pass("removed the live server's postmaster.pid from the copy")
+        }
+        var owned = [directory]
+        var links = [directory + "/pg_wal"]
+        let tablespaces = (try? FileManager.default.contentsOfDirectory(atPath: directory + "/pg_tblspc")) ?? []
+        links += tablespaces.map { directory + "/pg_tblspc/" + $0 }
+        for link in links {
+            guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: link) else { continue }
+            guard let translated = copy.translate(target) else {
+                throw WriterError(.nonRetryable, "\(link) in the copy points at \(target), which is on no volume of the copy")
+            }
+            unlink(link)
+            guard symlink(translated, link) == 0 else { throw POSIXFailure("symlink \(link)", errno) }
+            owned.append(translated)
+            checks.pass("re-pointed \(link) from \(target) to the copy's \(translated)")
+        }
+        for path in owned {
+            let result = try ChildProcess.runSync("chown", ["-R", "\(owner.uid):\(owner.gid)", path], timeout: .seconds(120))
+            guard result.succeeded else {
+                throw WriterError(.nonRetryable, "cannot give \(path) to \(Self.serverUser): \(result.stderr)")
+            }
+        }
+    }
+
+    /// The log lines that tell how the server on the copy recovered.
+    static func recoveryLines(_ log: String) -> [String] {
+        let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        let wanted = ["not properly shut down", "automatic recovery", "redo starts at", "redo done at", "interrupted",
+                      "invalid record length", "backup", "checkpoint record", "consistent recovery state",
+                      "ready to accept connections", "was shut down at"]
+        return text.split(separator: "\n").map(String.init).filter { line in wanted.contains { line.contains($0) } }
+            .map { line in
+                // Drop the timestamp and pid prefix: "2026-… UTC [123] LOG:  redo done at …" → "LOG:  redo done at …".
+                if let range = line.range(of: "] ") { return String(line[range.upperBound...]) }
+                return line
+            }
+    }
+
+    static func tail(_ log: String, lines: Int) -> [String] {
+        let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").suffix(lines).map(String.init)
+    }
+
+    /// `/usr/lib/postgresql/<major>/bin`, else `pg_config --bindir`, else the directory of `postgres` in PATH.
+    static func binaryDirectory(major: String) throws -> String {
+        let debian = "/usr/lib/postgresql/\(major)/bin"
+        if access(debian + "/postgres", X_OK) == 0 { return debian }
+        if let result = try? ChildProcess.runSync("pg_config", ["--bindir"], timeout: .seconds(10)), result.succeeded {
+            let directory = result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            if access(directory + "/postgres", X_OK) == 0 { return directory }
+        }
+        throw WriterError(.nonRetryable, "no PostgreSQL \(major) server binaries to start the copy with (looked in \(debian) and pg_config --bindir)",
+                          hint: "install the server of the same major version: apt-get install postgresql-\(major)")
+    }
+
+    static func userIDs(_ name: String) -> (uid: uid_t, gid: gid_t)? {
+        guard let entry = getpwnam(name) else { return nil }
+        return (entry.pointee.pw_uid, entry.pointee.pw_gid)
+    }
+
+    static func makePrivateDirectory(owner: (uid: uid_t, gid: gid_t)) throws -> String {
+        var template = Array("/tmp/quiesce-pg-verify-XXXXXX".utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!).map { String(cString: $0) } }) else {
+            throw POSIXFailure("mkdtemp in /tmp", errno)
+        }
+        guard chown(made, owner.uid, owner.gid) == 0 else {
+            let code = errno
+            try? FileManager.default.removeItem(atPath: made)
+            throw POSIXFailure("chown \(made)", code)
+        }
+        return made
+    }
+
+    /// A TCP port nobody listens on now (the server on the copy only uses it to name its socket).
+    static func freePort() -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return 54321 }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        return bound ? Int(UInt16(bigEndian: address.sin_port)) : 54321
+    }
+}
+
+/// What verify checked, line by line; failed if any check failed.
+struct PGVerifyChecks {
+    private(set) var details: [String] = []
+    private(set) var failed = false
+
+    mutating func pass(_ line: String) { details.append(line) }
+    mutating func fail(_ line: String) {
+        failed = true
+        details.append("FAILED: " + line)
+    }
+
+    var report: VerifyReport { VerifyReport(ok: !failed, details: details) }
+}
