@@ -33,7 +33,9 @@ struct GuardTests {
             }
             let after = ContinuousClock.now - killed
             #expect(thawed, "writers not thawed: app \(site.calls("app")), slow \(site.calls("slow"))")
-            #expect(after < .seconds(1) + .milliseconds(500), "thawed \(after) after the coordinator died")
+            // At once on the coordinator's death, not at the writers' deadline (about 40 s away here);
+            // the bound leaves room for two script runs on a loaded machine.
+            #expect(after < .seconds(5), "thawed \(after) after the coordinator died")
             #expect(try await timeToWrite(world) < .seconds(1))
             coordinator.terminate()
         }

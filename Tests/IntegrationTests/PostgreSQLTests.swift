@@ -194,25 +194,31 @@ struct PostgreSQLTests {
         try TestEnvironment.requireWorlds()
         try PostgresCluster.requireServer()
         try await TestWorld.with { world in
-            try await PostgresCluster.with(dataDirectory: world.path("outside/data"), scratch: world.path("pg")) { cluster in
+            try await PostgresCluster.with(dataDirectory: world.guest + "/pg/data", scratch: world.path("pg")) { cluster in
                 try await cluster.psql(Self.roleSQL)
                 try await cluster.psql("CREATE ROLE weak LOGIN PASSWORD 'weak-secret'; GRANT pg_read_all_settings TO weak;")
+                let outside = world.path("outside/tablespace")
+                try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: true)
+                try PostgresCluster.chownToPostgres(world.path("outside"))
                 let site = try TestSite(world)
                 let installation = try site.quietInstallation()
-                let cases: [(name: String, add: () throws -> Void, expected: [String])] = [
+                let cases: [(name: String, add: () async throws -> Void, expected: [String])] = [
                     ("wrong-password", { try site.addPostgreSQLWriter("wrong-password", cluster: cluster, password: "not-it") },
                      ["authentication failed", "password authentication failed", "passfile"]),
                     ("unreachable", { try site.addPostgreSQLWriter("unreachable", conninfo: "host=\(world.path("nothing")) port=5 dbname=postgres user=quiesce") },
                      ["the server is unreachable", "start the server"]),
-                    ("no-checkpoint-role", { try site.addPostgreSQLWriter("no-checkpoint-role", cluster: cluster, user: "weak", password: "weak-secret", dataInSet: false) },
+                    ("no-checkpoint-role", { try site.addPostgreSQLWriter("no-checkpoint-role", cluster: cluster, user: "weak", password: "weak-secret") },
                      ["may not run CHECKPOINT", "GRANT pg_checkpoint"]),
-                    ("outside-the-set", { try site.addPostgreSQLWriter("outside-the-set", cluster: cluster) },
-                     [world.path("outside/data"), "outside"]),
+                    // Last: a tablespace on a disk that is not in the snapshot set.
+                    ("outside-the-set", {
+                        try await cluster.psql("CREATE TABLESPACE elsewhere LOCATION '\(outside)'")
+                        try site.addPostgreSQLWriter("outside-the-set", cluster: cluster)
+                    }, [outside, "on no volume of the snapshot set"]),
                 ]
                 try FileManager.default.createDirectory(atPath: world.path("nothing"), withIntermediateDirectories: true)
                 var messages: [String: String] = [:]
                 for item in cases {
-                    try item.add()
+                    try await item.add()
                     let checked: String
                     do {
                         _ = try await installation.checkWriter(name: item.name)
@@ -236,6 +242,7 @@ struct PostgreSQLTests {
                 #expect(Set(messages.values).count == cases.count)
                 #expect(!(messages["wrong-password"] ?? "").contains("unreachable"))
                 #expect(!(messages["unreachable"] ?? "").contains("authentication"))
+                try await cluster.psql("DROP TABLESPACE elsewhere")
             }
         }
     }
@@ -298,7 +305,7 @@ struct PostgreSQLTests {
     static func withWritableCopy(of record: CheckpointRecord, world: TestWorld, index: Int,
                                  _ body: (String) async throws -> Void) async throws {
         let snapshot = try #require(record.snapshots.first)
-        let clone = world.path("clone-\(index).img")
+        let clone = world.datastore + "/clone-\(index).img"
         let copied = try await ChildProcess.run("cp", ["--reflink=always", snapshot.path, clone], timeout: .seconds(60))
         guard copied.succeeded else { throw TestSupportError("cp --reflink: \(copied.stderr)") }
         let device = try await world.attach(clone)
@@ -365,7 +372,7 @@ extension TestSite {
     /// A postgresql writer for `cluster` as `user`, its password in a passfile (mode 0600) beside the config.
     fileprivate func addPostgreSQLWriter(_ name: String, cluster: PostgresCluster, user: String = "quiesce",
                                          password: String = "quiesce-secret", mode: String = "checkpoint",
-                                         timeout: String = "20s", dataInSet: Bool = true) throws {
+                                         timeout: String = "20s") throws {
         let passfile = "\(etc)/\(name).pgpass"
         try "\(cluster.socketDirectory):\(cluster.port):*:\(user):\(password)\n".write(toFile: passfile, atomically: true, encoding: .utf8)
         chmod(passfile, 0o600)

@@ -14,12 +14,14 @@ struct CatalogScaleTests {
                                   marker: ConsistencyMarker(["lsn": "0/3000060"]))
             // Every 10th run aborted (no snapshots), the rest completed with one snapshot.
             let records = (0..<count).map { n in checkpoint(n, n % 10 == 7 ? .aborted : .completed, writers: [pg]) }
-            try catalog.recordAll(records)
+            // The heavy work runs on threads of its own: blocking the two cooperative threads for
+            // seconds would starve every other test running in parallel.
+            try await runBlocking { try catalog.recordAll(records) }
             let completed = records.filter { $0.outcome == .completed }
             let held = [completed[0].id, completed[500].id, completed[completed.count - 3].id]
             for id in held { try catalog.hold(checkpointID: id, holder: "dr-site-a") }
 
-            let all = try catalog.checkpoints()
+            let all = try await runBlocking { try catalog.checkpoints() }
             #expect(all.count == count)
             #expect(all.first == records.first)
             #expect(all.last == records.last)
@@ -35,7 +37,7 @@ struct CatalogScaleTests {
                 case .running: false
                 }
             }
-            let candidates = try catalog.pruneCandidates(keep: keep)
+            let candidates = try await runBlocking { try catalog.pruneCandidates(keep: keep) }
             // Compared as sets, then order: a failure names a few ids, not 100,000.
             let ids = candidates.map(\.id)
             let wrong = Set(ids).symmetricDifference(expected.map(\.id)).sorted()

@@ -77,7 +77,8 @@ struct SQLiteWriterTests {
         #expect(error?.message.contains("nothing was snapshotted") == true)
         #expect(error?.hint?.contains("busy_timeout") == true)
         #expect(elapsed >= busyTimeout * 0.9)
-        #expect(elapsed < busyTimeout + .seconds(2))
+        // It gave up at busy_timeout, not at the context's 10 s deadline (loose: the machine may be loaded).
+        #expect(elapsed < .seconds(8))
 
         try await writer.thaw(checkpointContext(.thaw), outcome: .aborted)
         try longTransaction.execute("COMMIT")

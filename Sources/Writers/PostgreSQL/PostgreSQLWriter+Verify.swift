@@ -88,12 +88,12 @@ extension PostgreSQLWriter {
         ]
         if !FileManager.default.fileExists(atPath: directory + "/postgresql.conf") {
             // Debian keeps postgresql.conf in /etc/postgresql: start the copy with the defaults.
-            FileManager.default.createFile(atPath: privateDirectory + "/postgresql.conf", contents: Data())
+            _ = FileManager.default.createFile(atPath: privateDirectory + "/postgresql.conf", contents: Data())
             _ = chown(privateDirectory + "/postgresql.conf", ids.uid, ids.gid)
             options.append("-c config_file='\(privateDirectory)/postgresql.conf'")
             checks.pass("the copy has no postgresql.conf: started with PostgreSQL's defaults")
         }
-        FileManager.default.createFile(atPath: log, contents: Data())
+        _ = FileManager.default.createFile(atPath: log, contents: Data())
         _ = chown(log, ids.uid, ids.gid)
 
         let started = ContinuousClock.now
