@@ -28,7 +28,7 @@ struct GuardTests {
             let killed = ContinuousClock.now
             _ = try await runBlocking { coordinator.wait() }
             // The guard runs `freeze-failed` for every exec writer that was asked to freeze.
-            let thawed = await eventually(within: .seconds(3)) {
+            let thawed = await eventually(within: .seconds(6)) {
                 site.calls("app").last == "freeze-failed" && site.calls("slow").last == "freeze-failed"
             }
             let after = ContinuousClock.now - killed
