@@ -117,10 +117,18 @@ public struct Installation: Sendable {
         }
     }
 
-    /// Validates a spec file (syntax, type, keys) and installs it into `writers.d/` with mode 0600.
-    public func addWriter(file: String) throws -> String {
+    /// Validates a spec file (syntax, type, keys), then — unless `checkConnectivity` is false —
+    /// runs the writer's identify and prepare (can it reach its application; is its data on a
+    /// volume of the set?), and only then installs it into `writers.d/` with mode 0600.
+    public func addWriter(file: String, checkConnectivity: Bool = true) async throws -> String {
         let directory = WriterDirectory(path: configuration.writersDirectory)
         let timeout = configuration.freezeTimeout
+        if checkConnectivity {
+            let (writer, _) = try WriterTypes.makeWriter(try WriterDirectory.parseSpec(file: file), defaultTimeout: timeout)
+            if case .failure(let error) = await coordinator(writers: [writer], journal: NoJournal()).check(writer: writer) {
+                throw error
+            }
+        }
         return try directory.install(from: file) { spec in
             _ = try WriterTypes.makeWriter(spec, defaultTimeout: timeout)
         }

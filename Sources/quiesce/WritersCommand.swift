@@ -58,13 +58,15 @@ struct WritersCommand: AsyncParsableCommand {
 
     struct Add: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Validate a writer spec and install it into writers.d/ (mode 0600).")
+            abstract: "Validate a writer spec, check it reaches its application, install it into writers.d/ (mode 0600).")
         @OptionGroup var options: ConfigOptions
         @Argument(help: "The spec file (TOML).") var file: String
+        @Flag(help: "Install without running identify and prepare (the application is not up yet).")
+        var skipCheck = false
 
         func run() async throws {
             try await CLI.run {
-                let path = try options.installation().addWriter(file: file)
+                let path = try await options.installation().addWriter(file: file, checkConnectivity: !skipCheck)
                 print("installed \(path)")
             }
         }

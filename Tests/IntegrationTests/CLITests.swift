@@ -103,6 +103,17 @@ struct CLITests {
             #expect(refused.stderr.contains("database"))
             #expect(!FileManager.default.fileExists(atPath: "\(site.writersDirectory)/broken.toml"))
 
+            // A writer that cannot reach its application is refused (unless told to skip the check).
+            let unreachable = world.path("unreachable.toml")
+            try "name = \"missing\"\ntype = \"exec\"\ncommand = \"/usr/local/sbin/not-installed\"\nvolume = \"vm1\"\n"
+                .write(toFile: unreachable, atomically: true, encoding: .utf8)
+            let notReady = try await site.runCLI(["writers", "add", unreachable])
+            #expect(notReady.status == 3, "\(notReady.stderr)")
+            #expect(notReady.stderr.contains("not-installed is not an executable file"))
+            #expect(!FileManager.default.fileExists(atPath: "\(site.writersDirectory)/missing.toml"))
+            let skipped = try await site.runCLI(["writers", "add", "--skip-check", unreachable])
+            #expect(skipped.status == 0, "\(skipped.stderr)")
+
             let added = try await site.runCLI(["writers", "add", good])
             #expect(added.status == 0, "\(added.stderr)")
             let installed = "\(site.writersDirectory)/hook.toml"
