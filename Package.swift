@@ -41,6 +41,8 @@ let package = Package(
         .target(name: "ExecWriter", dependencies: ["QuiesceCore", "QuiesceConfig"], path: "Sources/Writers/Exec"),
         .target(name: "SQLiteWriter", dependencies: ["QuiesceCore", "QuiesceConfig", "QuiesceSQLite"],
                 path: "Sources/Writers/SQLite"),
+        .target(name: "MailboxWriter", dependencies: ["QuiesceCore", "QuiesceConfig"],
+                path: "Sources/Writers/Mailbox"),
         .target(name: "PostgreSQLWriter", dependencies: ["QuiesceCore", "QuiesceConfig", "CLibPQ"],
                 path: "Sources/Writers/PostgreSQL"),
 
@@ -50,7 +52,7 @@ let package = Package(
         // Wiring: registry of writer types and providers, the checkpoint service the CLI calls.
         .target(name: "Quiesce", dependencies: [
             "QuiesceCore", "QuiesceConfig", "QuiesceCatalog", "QuiesceGuard",
-            "ExecWriter", "SQLiteWriter", "PostgreSQLWriter", "ReflinkProvider",
+            "ExecWriter", "SQLiteWriter", "PostgreSQLWriter", "MailboxWriter", "ReflinkProvider",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The embedded default world: loop devices, XFS datastore, guest filesystem, demo.
@@ -71,7 +73,7 @@ let package = Package(
         .testTarget(name: "QuiesceConfigTests", dependencies: ["QuiesceConfig", "Quiesce", "QuiesceTestSupport"]),
         .testTarget(name: "QuiesceCatalogTests", dependencies: ["QuiesceCatalog", "QuiesceTestSupport"]),
         .testTarget(name: "WriterTests", dependencies: [
-            "ExecWriter", "SQLiteWriter", "PostgreSQLWriter", "QuiesceSQLite", "QuiesceConfig", "QuiesceTestSupport",
+            "ExecWriter", "SQLiteWriter", "PostgreSQLWriter", "MailboxWriter", "QuiesceSQLite", "QuiesceConfig", "QuiesceTestSupport",
         ]),
         .testTarget(name: "IntegrationTests", dependencies: [
             "Quiesce", "QuiesceLab", "QuiesceTestSupport", "QuiesceSQLite", "ReflinkProvider", "QuiesceCatalog",

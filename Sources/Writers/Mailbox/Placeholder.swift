@@ -1,0 +1,1 @@
+// The mailbox writer (issue 5): see MailboxWriter.swift.
