@@ -323,6 +323,11 @@ final class CheckpointRun {
                                    metadata: ["volume": "\(volume.name)"])
                     continue
                 }
+                // Before any writer freezes: FIFREEZE would fail only after they all had.
+                guard FilesystemHold.canFreeze else {
+                    throw CoordinatorError.filesystemFailed(phase: .prepare, mount: mount,
+                                                            message: "freezing a filesystem needs CAP_SYS_ADMIN: run `quiesce checkpoint` as root")
+                }
                 guard FilesystemHold.isMountPoint(mount) else {
                     throw CoordinatorError.filesystemFailed(phase: .prepare, mount: mount,
                                                             message: "not a mount point (is the guest filesystem of volume \"\(volume.name)\" mounted?)")

@@ -34,6 +34,16 @@ public enum FilesystemHold {
         throw POSIXFailure("FITHAW \(mount)", errno)
     }
 
+    /// Whether this process may freeze filesystems (CAP_SYS_ADMIN in its effective set).
+    public static var canFreeze: Bool {
+        guard let status = KernelFile.text("/proc/self/status"),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
+              let mask = UInt64(line.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16) else {
+            return geteuid() == 0
+        }
+        return mask & (1 << 21) != 0
+    }
+
     /// Whether `path` is a mount point (its device differs from its parent's, or it is /).
     public static func isMountPoint(_ path: String) -> Bool {
         var own = stat(), parent = stat()

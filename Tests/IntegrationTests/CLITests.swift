@@ -35,6 +35,20 @@ struct CLITests {
         }
     }
 
+    @Test func withoutCapSysAdminNothingFreezesAndTheErrorSaysWhy() async throws {
+        try await TestWorld.with { world in
+            let site = try TestSite(world)
+            try site.addExecWriter("app")
+            let result = try await ChildProcess.run("setpriv", [
+                "--inh-caps=-sys_admin", "--bounding-set=-sys_admin",
+                try Executables.requireQuiesce(), "checkpoint", "--config", site.config,
+            ])
+            #expect(result.status == 5, "exit \(result.status): \(result.stderr)")
+            #expect(result.stderr.contains("CAP_SYS_ADMIN"))
+            #expect(site.calls("app") == [], "a writer was frozen although the filesystem could not be")
+        }
+    }
+
     @Test func badConfigurationExits78NamingTheFileAndLine() async throws {
         try await withTemporaryDirectory { directory in
             let config = "\(directory)/quiesce.toml"

@@ -43,3 +43,4 @@ import Testing
         #expect(gate.pending.isEmpty)
     }
 }
+
