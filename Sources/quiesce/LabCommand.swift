@@ -126,7 +126,10 @@ enum DemoReport {
             out.append("\(r.id)  \(r.outcome.rawValue)  freeze \(CLI.milliseconds(r.freezeWindowMs))  hold \(CLI.milliseconds(r.holdWindowMs))  \(verdict)")
             if let error = line.error { out.append("    error: \(error)") }
             for w in r.writers {
-                let marker = w.marker.map { $0.summary } ?? "-"
+                // The report shows the state recorded; the path and the SQL text are in `checkpoints show`.
+                let marker = w.marker.map { m in
+                    ConsistencyMarker(m.fields.filter { !["database", "marker_query", "data_directory"].contains($0.key) }).summary
+                } ?? "-"
                 out.append("    \(w.name) (\(w.type)) marker: \(marker)")
                 if let verdict = line.check?.writers.first(where: { $0.writer == w.name }) {
                     out.append("      \(verdict.ok ? "ok" : "FAILED"): \(verdict.details.joined(separator: "; "))")
