@@ -1,4 +1,5 @@
 import ExecWriter
+import MailboxWriter
 import PostgreSQLWriter
 import QuiesceConfig
 import QuiesceCore
@@ -9,6 +10,7 @@ public enum WriterTypes {
     public static let factories: [any WriterFactory] = [
         ExecWriterFactory(),
         SQLiteWriterFactory(),
+        MailboxWriterFactory(),
         PostgreSQLWriterFactory(),
     ]
 

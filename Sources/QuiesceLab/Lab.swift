@@ -23,6 +23,7 @@ public struct Lab: Sendable {
     public static let defaultApplications: [any LabApplication] = [
         ExecHookLabApplication(),
         SQLiteLabApplication(),
+        PostgreSQLLabApplication(),
     ]
 
     static let requiredTools = ["losetup", "mount", "umount", "mkfs.xfs", "mkfs.ext4"]

@@ -47,7 +47,7 @@ struct LabTests {
             for part in [status.datastore, status.guest, status.dr] {
                 #expect(part.exists && part.mounted && part.loopDevices.count == 1, "\(part)")
             }
-            #expect(status.writers == ["app-hook", "ledger", "orders"])
+            #expect(status.writers == labWriters)
 
             let demoRun = try await quiesce(["lab", "demo", "--dir", lab.root, "--checkpoints", "2", "--interval", "0.5", "--json"],
                                             timeout: .seconds(300))
@@ -67,13 +67,13 @@ struct LabTests {
                 #expect(record.snapshots.count == 1)
                 let check = try #require(line.check, "\(record.id) was not checked")
                 #expect(check.ok, "\(record.id): \(check.problems) \(check.writers.map { "\($0.writer): \($0.details)" })")
-                #expect(Set(check.writers.map(\.writer)) == ["app-hook", "ledger", "orders"])
+                #expect(Set(check.writers.map(\.writer)) == Set(labWriters))
                 for name in ["orders", "ledger"] {
                     let marker = record.writers.first { $0.name == name }?.marker
                     #expect(Int(marker?["marker_result"] ?? "") != nil, "\(name) recorded no row count: \(String(describing: marker))")
                 }
             }
-            #expect(report.workloads.count == 4, "two inserters per database: \(report.workloads)")
+            #expect(report.workloads.count == labWorkloads, "two inserters per database and pgbench: \(report.workloads)")
             var committed: [String: Int] = [:]
             for (name, summary) in report.workloads.sorted(by: { $0.key < $1.key }) {
                 print("lab demo: \(name): \(summary)")
@@ -435,3 +435,7 @@ private func wasFrozen(_ mount: String) throws -> Bool {
     defer { close(fd) }
     return try FilesystemHold.thaw(fd, mount: mount)
 }
+
+/// The lab's writers and workload processes, as `Lab.defaultApplications` registers them.
+private let labWriters = ["app-hook", "ledger", "orders", "postgresql"]
+private let labWorkloads = 5

@@ -64,6 +64,8 @@ struct PostgreSQLTests {
                 let installation = try site.quietInstallation()
                 let volumes = try await installation.checkWriter(name: "pg")
                 #expect(volumes.map(\.name) == ["vm1"])
+                // Every checkpoint below runs as this role: no superuser, no replication, only the grants in docs/writers.md.
+                #expect(try await cluster.psql("SELECT rolsuper::text || ' ' || rolreplication::text FROM pg_roles WHERE rolname = 'quiesce'") == "false false")
 
                 let load = try Self.startPgbench(cluster, seconds: 120)
                 let ids = try IdInserter(cluster, log: world.path("ids.log"))
@@ -185,6 +187,136 @@ struct PostgreSQLTests {
         }
     }
 
+    /// What the DR side does with a backup-label checkpoint and a WAL archive: on a copy of the
+    /// snapshot, write the kept backup_label byte for byte, set restore_command to the archive and
+    /// start: PostgreSQL recovers from the label's start LSN and reaches consistency.
+    @Test(.enabled(if: worlds))
+    func backupLabelCopyRestoredWithTheArchivedWALReachesConsistency() async throws {
+        try TestEnvironment.requireWorlds()
+        try PostgresCluster.requireServer()
+        try await TestWorld.with(.init(imageSize: 512 << 20)) { world in
+            let archive = try world.makeDirectory("archive")
+            try PostgresCluster.chownToPostgres(archive)
+            try await PostgresCluster.with(dataDirectory: world.guest + "/pg/data", scratch: world.path("pg")) { cluster in
+                try await cluster.psql("ALTER SYSTEM SET archive_mode = on")
+                try await cluster.psql("ALTER SYSTEM SET archive_command = 'cp %p \(archive)/%f'")
+                await cluster.stop()
+                try await cluster.start()
+                try await cluster.psql(Self.roleSQL)
+                try await Self.pgbench(cluster, ["-i", "-s", "1", "-q"])
+                let site = try TestSite(world)
+                try site.addPostgreSQLWriter("pg", cluster: cluster, mode: "backup-label")
+                let installation = try site.quietInstallation()
+                let load = try Self.startPgbench(cluster, seconds: 60)
+                let result: CheckpointResult
+                do {
+                    try await Task.sleep(for: .milliseconds(500))
+                    result = try await installation.checkpoint(label: "for-dr")
+                } catch {
+                    load.signal(SIGKILL)
+                    load.wait()
+                    throw error
+                }
+                load.signal(SIGINT)
+                load.wait()
+                try #require(result.error == nil, "\(result.error.map { "\($0)" } ?? "")")
+                let files = try #require(result.record.writers.first { $0.name == "pg" }?.recovery?.files)
+                let label = try #require(files["backup_label"])
+                let stop = try #require(files["backup_stop_lsn"])
+                // The segment holding the stop LSN must reach the archive.
+                try await cluster.psql("SELECT pg_switch_wal()")
+                let segment = try await cluster.psql("SELECT pg_walfile_name('\(stop)')")
+                #expect(await eventually(within: .seconds(15)) { FileManager.default.fileExists(atPath: "\(archive)/\(segment)") },
+                        "\(segment) was never archived")
+
+                try await Self.withWritableCopy(of: result.record, world: world, index: 0) { copy in
+                    let data = copy + "/pg/data"
+                    unlink(data + "/postmaster.pid")
+                    try label.write(toFile: data + "/backup_label", atomically: false, encoding: .utf8)
+                    _ = FileManager.default.createFile(atPath: data + "/recovery.signal", contents: nil)
+                    let settings = "\nrestore_command = 'cp \(archive)/%f %p'\nrecovery_target = 'immediate'\n"
+                        + "recovery_target_action = 'promote'\narchive_mode = off\n"
+                    let handle = try #require(FileHandle(forWritingAtPath: data + "/postgresql.auto.conf"))
+                    try handle.seekToEnd()
+                    try handle.write(contentsOf: Data(settings.utf8))
+                    try handle.close()
+                    try PostgresCluster.chownToPostgres(data)
+                    let restored = try PostgresCluster(dataDirectory: data, scratch: world.path("restored"))
+                    let state = try await restored.running { server in
+                        // Ready for reads once consistent; then it promotes (recovery_target_action).
+                        let deadline = ContinuousClock.now + .seconds(30)
+                        while try await server.psql("SELECT pg_is_in_recovery()") == "t", ContinuousClock.now < deadline {
+                            try await Task.sleep(for: .milliseconds(100))
+                        }
+                        return try await server.psql("SELECT pg_is_in_recovery()::text || ' ' || pg_current_wal_lsn()")
+                    }
+                    let log = (try? String(contentsOfFile: restored.logFile, encoding: .utf8)) ?? ""
+                    #expect(log.contains("starting backup recovery with redo LSN"), "\(log)")
+                    #expect(log.contains("consistent recovery state reached"), "\(log)")
+                    #expect(log.contains("end LSN \(stop)"), "backup recovery did not end at the kept stop LSN \(stop): \(log)")
+                    #expect(log.contains("restored log file"), "no WAL came from the archive: \(log)")
+                    #expect(state.hasPrefix("false "), "\(state)")
+                    let recovered = log.split(separator: "\n").filter {
+                        $0.contains("backup recovery") || $0.contains("consistent recovery") || $0.contains("recovery stopping")
+                    }
+                    print("postgresql backup-label restore:\n  " + recovered.joined(separator: "\n  "))
+                }
+            }
+        }
+    }
+
+    /// A cluster whose WAL directory (initdb --waldir) and a tablespace are symlinked from the data
+    /// directory, all on the guest: identify names all three, and verify re-points the copy's
+    /// symlinks into the copy, so the server on the copy never writes to the live paths.
+    @Test(.enabled(if: worlds))
+    func copyWithSeparateWALAndTablespaceNeverTouchesTheLivePaths() async throws {
+        try TestEnvironment.requireWorlds()
+        try PostgresCluster.requireServer()
+        try await TestWorld.with { world in
+            let wal = world.guest + "/pg/wal"
+            let tablespace = world.guest + "/pg/tablespace"
+            try await PostgresCluster.with(dataDirectory: world.guest + "/pg/data", scratch: world.path("pg"),
+                                           initdbArguments: ["--waldir=\(wal)"]) { cluster in
+                try FileManager.default.createDirectory(atPath: tablespace, withIntermediateDirectories: true)
+                try PostgresCluster.chownToPostgres(tablespace)
+                try await cluster.psql(Self.roleSQL)
+                try await cluster.psql("CREATE TABLESPACE space LOCATION '\(tablespace)'")
+                try await cluster.psql("CREATE TABLE placed (id int) TABLESPACE space; INSERT INTO placed SELECT generate_series(1, 1000)")
+                let site = try TestSite(world)
+                try site.addPostgreSQLWriter("pg", cluster: cluster)
+                let installation = try site.quietInstallation()
+                let writer = try #require(installation.registry().writers.first { $0.name == "pg" })
+                let footprint = try await writer.identify()
+                #expect(Set(footprint.paths) == [world.guest + "/pg/data", wal, tablespace], "\(footprint.paths)")
+
+                let result = try await installation.checkpoint(label: "symlinks")
+                try #require(result.error == nil, "\(result.error.map { "\($0)" } ?? "")")
+                let marker = try #require(result.record.writers.first?.marker)
+                let liveWAL = try FileManager.default.contentsOfDirectory(atPath: wal).sorted()
+                try await Self.withWritableCopy(of: result.record, world: world, index: 0) { copy in
+                    let report = try await writer.verify(copy: CopyLayout(mounts: [world.guest: copy]), marker: marker)
+                    #expect(report.ok, "verify: \(report.details.joined(separator: "\n"))")
+                    let repointed = report.details.filter { $0.hasPrefix("re-pointed") }
+                    #expect(repointed.count == 2, "\(report.details)")
+                    #expect(try FileManager.default.destinationOfSymbolicLink(atPath: copy + "/pg/data/pg_wal") == copy + "/pg/wal")
+
+                    // A marker the copy does not reach fails verify, naming it, and the server is stopped all the same.
+                    var ahead = marker
+                    ahead["lsn"] = "FF/0"
+                    let failed = try await writer.verify(copy: CopyLayout(mounts: [world.guest: copy]), marker: ahead)
+                    #expect(!failed.ok)
+                    #expect(failed.details.contains { $0.hasPrefix("FAILED: WAL position") && $0.contains("before FF/0") }, "\(failed.details)")
+                    #expect(!FileManager.default.fileExists(atPath: copy + "/pg/data/postmaster.pid"), "the server on the copy was left running")
+                }
+                // The live WAL directory got nothing from the copy's server (its end-of-recovery checkpoint, its timeline).
+                let after = try FileManager.default.contentsOfDirectory(atPath: wal).sorted()
+                #expect(Set(after).isSuperset(of: liveWAL))
+                #expect(!after.contains { $0.hasSuffix(".history") }, "\(after)")
+                #expect(try await cluster.psql("SELECT count(*) FROM placed") == "1000")
+            }
+        }
+    }
+
     // MARK: clear errors
 
     /// Wrong password, unreachable server, missing privileges and a data directory outside the
@@ -228,9 +360,13 @@ struct PostgreSQLTests {
                     }
                     let result = try await installation.checkpoint(label: item.name)
                     let failed = result.error.map { "\($0)" } ?? "(no error)"
+                    // And as an operator sees it: `quiesce writers check NAME`.
+                    let cli = try await site.runCLI(["writers", "check", item.name], timeout: .seconds(60))
+                    #expect(cli.status != 0, "quiesce writers check \(item.name) exited 0: \(cli.stdout)")
                     for text in item.expected {
                         #expect(checked.contains(text), "writers check \(item.name): \(checked)")
                         #expect(failed.contains(text), "checkpoint \(item.name): \(failed)")
+                        #expect(cli.stderr.contains(text), "quiesce writers check \(item.name): \(cli.stderr)")
                     }
                     #expect(result.record.outcome == .aborted)
                     #expect(site.snapshotFiles().isEmpty)
@@ -243,6 +379,39 @@ struct PostgreSQLTests {
                 #expect(!(messages["wrong-password"] ?? "").contains("unreachable"))
                 #expect(!(messages["unreachable"] ?? "").contains("authentication"))
                 try await cluster.psql("DROP TABLESPACE elsewhere")
+            }
+        }
+    }
+
+    // MARK: a lost session
+
+    /// In backup-label mode, the held session is terminated during the freeze (another writer,
+    /// frozen after it, runs pg_terminate_backend): thaw reports the lost session, the checkpoint
+    /// aborts at post-snapshot because it has no backup label, and no snapshot is kept.
+    @Test(.enabled(if: worlds))
+    func sessionLostDuringTheFreezeAbortsTheBackupLabelCheckpoint() async throws {
+        try TestEnvironment.requireWorlds()
+        try PostgresCluster.requireServer()
+        try await TestWorld.with { world in
+            try await PostgresCluster.with(dataDirectory: world.guest + "/pg/data", scratch: world.path("pg")) { cluster in
+                try await cluster.psql(Self.roleSQL)
+                let site = try TestSite(world)
+                try site.addPostgreSQLWriter("pg", cluster: cluster, mode: "backup-label")
+                let terminate = ([PostgresCluster.bin + "/psql", "-X", "-At"] + cluster.clientArguments
+                    + ["-d", "postgres", "-c", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'quiesce pg'"])
+                    .map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
+                try site.addExecWriter("terminator", order: 10, timeout: "10s", onFreeze: terminate + " >&2")
+                let installation = try site.quietInstallation()
+                let result = try await installation.checkpoint(label: "lost-session")
+                let error = try #require(result.error, "the checkpoint completed without its backup label")
+                #expect(error.phase == .postSnapshot, "\(error)")
+                #expect("\(error)".contains("no backup label"), "\(error)")
+                let thaw = result.thawErrors.map { "\($0)" }.joined(separator: "\n")
+                #expect(thaw.contains("was lost during the freeze") && thaw.contains("ended the backup itself"), "thaw errors: \(thaw)")
+                #expect(result.record.outcome == .aborted)
+                #expect(site.snapshotFiles().isEmpty, "snapshots left: \(site.snapshotFiles())")
+                print("postgresql lost session: \(error)\n  thaw: \(thaw)")
+                try await cluster.psql("SELECT pg_backup_start('after-lost', true); SELECT lsn FROM pg_backup_stop(false);")
             }
         }
     }
@@ -263,7 +432,7 @@ struct PostgreSQLTests {
                 let site = try TestSite(world)
                 try site.addPostgreSQLWriter("pg", cluster: cluster, mode: "backup-label", timeout: "10s")
                 let frozenMark = world.path("frozen")
-                try site.addExecWriter("slow", order: 10, timeout: "10s", onFreeze: "touch \(frozenMark); sleep 15")
+                try site.addExecWriter("slow", order: 10, timeout: "10s", onFreeze: "touch \(frozenMark); sleep 5")
                 let coordinator = try site.startCLI(["checkpoint"])
                 let started = await eventually(within: .seconds(20)) { FileManager.default.fileExists(atPath: frozenMark) }
                 let during = try await cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'quiesce pg'")

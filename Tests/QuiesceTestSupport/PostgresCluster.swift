@@ -49,14 +49,15 @@ public final class PostgresCluster: Sendable {
 
     /// initdb into `dataDirectory` (its parent is created and given to postgres), start,
     /// run `body`, and stop the server, also when `body` throws.
-    public static func with<T: Sendable>(dataDirectory: String, scratch: String,
+    /// `initdbArguments` are added to initdb's (e.g. `--waldir=…`; that directory's parent is given to postgres too).
+    public static func with<T: Sendable>(dataDirectory: String, scratch: String, initdbArguments: [String] = [],
                                          _ body: @Sendable (PostgresCluster) async throws -> T) async throws -> T {
         try requireServer()
         let parent = (dataDirectory as NSString).deletingLastPathComponent
         try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
         try chownToPostgres(parent)
         let cluster = try PostgresCluster(dataDirectory: dataDirectory, scratch: scratch)
-        try await cluster.initdb()
+        try await cluster.initdb(initdbArguments)
         return try await cluster.running(body)
     }
 
@@ -69,9 +70,9 @@ public final class PostgresCluster: Sendable {
         return try result.get()
     }
 
-    func initdb() async throws {
+    func initdb(_ extra: [String] = []) async throws {
         try await asPostgres(Self.bin + "/initdb", ["-D", dataDirectory, "-U", Self.user, "--auth-local=trust",
-                                                     "--auth-host=scram-sha-256", "-E", "UTF8", "--no-instructions"])
+                                                     "--auth-host=scram-sha-256", "-E", "UTF8", "--no-instructions"] + extra)
         try """
             local all \(Self.user) trust
             local all all scram-sha-256

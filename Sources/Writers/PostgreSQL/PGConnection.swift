@@ -82,6 +82,8 @@ final class PGConnection: @unchecked Sendable {
             PQfinish(made)
             throw PGError(stage: .connect, message: message)
         }
+        // libpq prints server notices (WARNING, NOTICE) to stderr by default: not in quiesce's output.
+        PQsetNoticeProcessor(made, { _, _ in }, nil)
         connection = made
         canceller = PQgetCancel(made)
     }

@@ -170,6 +170,11 @@ extension PostgreSQLWriter {
         links += tablespaces.map { directory + "/pg_tblspc/" + $0 }
         for link in links {
             guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: link) else { continue }
+            // Already inside the copy (verified before): leave it.
+            if copy.mounts.values.contains(where: { target == $0 || target.hasPrefix($0.hasSuffix("/") ? $0 : $0 + "/") }) {
+                owned.append(target)
+                continue
+            }
             guard let translated = copy.translate(target) else {
                 throw WriterError(.nonRetryable, "\(link) in the copy points at \(target), which is on no volume of the copy")
             }

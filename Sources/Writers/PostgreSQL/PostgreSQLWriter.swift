@@ -387,13 +387,15 @@ public final class PostgreSQLWriter: Writer {
                 state.withLock { $0.backup = (context.checkpointID, metadata) }
             } catch let error as PGError {
                 let described = describe(error, doing: "ending the backup (pg_backup_stop) on")
-                recordBackupProblem(context.checkpointID, described.description)
                 if error.isConnectionLost {
+                    recordBackupProblem(context.checkpointID,
+                                        "the session holding the backup was lost during the freeze (\(error.message)); the server ended the backup itself")
                     throw WriterError(.inconsistent,
                         "the session holding the backup of \(subject) was lost during the freeze: \(error.message); "
                         + "the server ended the backup itself, and this checkpoint has no backup label",
                         hint: "check the server's log for why the session ended (restart, pg_terminate_backend, idle_session_timeout), then retry")
                 }
+                recordBackupProblem(context.checkpointID, described.description)
                 throw described
             }
         } else {

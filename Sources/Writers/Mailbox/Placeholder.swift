@@ -1,1 +1,0 @@
-// The mailbox writer (issue 5): see MailboxWriter.swift.
