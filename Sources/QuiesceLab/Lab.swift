@@ -24,6 +24,7 @@ public struct Lab: Sendable {
         ExecHookLabApplication(),
         SQLiteLabApplication(),
         PostgreSQLLabApplication(),
+        MailboxLabApplication(),
     ]
 
     static let requiredTools = ["losetup", "mount", "umount", "mkfs.xfs", "mkfs.ext4"]

@@ -36,7 +36,8 @@ struct GuardTests {
             // At once on the coordinator's death, not at the writers' deadline (about 40 s away here);
             // the bound leaves room for two script runs on a loaded machine.
             #expect(after < .seconds(5), "thawed \(after) after the coordinator died")
-            #expect(try await timeToWrite(world) < .seconds(1))
+            // Writable: a write and fsync complete (a frozen guest would block them until thawed).
+            #expect(try await timeToWrite(world) < .seconds(5))
             coordinator.terminate()
         }
     }
@@ -45,20 +46,16 @@ struct GuardTests {
         try await TestWorld.with { world in
             let site = try TestSite(world, holdTimeout: "30s")
             try site.addExecWriter("app")
-            let probe = StallProbe(directory: world.guest)
             let coordinator = try site.startCLI(["checkpoint"], environment: ["QUIESCE_FAULT_HOLD_PAUSE_MS": "25000"])
-            // A write pending for 200 ms: the guest is held.
-            let stalled = await probe.waitForStall(within: .seconds(30))
-            #expect(stalled != nil, "the guest was never held")
-            coordinator.signal(SIGKILL, group: false)
-            let killed = ContinuousClock.now
+            // A write pending for 200 ms: the guest is held. Kill the coordinator right then.
+            let probe = StallProbe(directory: world.guest, threshold: .seconds(1)) { _ in coordinator.signal(SIGKILL, group: false) }
+            let exitCode = await exitStatus(of: coordinator, within: .seconds(60))
             await probe.stop()
-            if let stalled, let completed = probe.completion(of: stalled.name) {
-                #expect(completed - killed < .seconds(1), "the guest stayed frozen \(completed - killed) after the coordinator died")
-            }
-            let exitCode = await exitStatus(of: coordinator, within: .seconds(5))
-            #expect(exitCode == 128 + SIGKILL)
-            #expect(await eventually(within: .seconds(3)) { site.calls("app").last == "freeze-failed" })
+            #expect(exitCode == 128 + SIGKILL, "the coordinator was not killed mid-hold (status \(String(describing: exitCode)))")
+            let stall = try #require(probe.stall, "the guest was never held")
+            let completed = try #require(probe.completion(of: stall.write.name), "the guest is still frozen")
+            #expect(completed - stall.actedAt < .seconds(1), "the guest stayed frozen \(completed - stall.actedAt) after the coordinator died")
+            #expect(await eventually(within: .seconds(5)) { site.calls("app").last == "freeze-failed" })
 
             // The next run records the interrupted checkpoint as aborted and removes its partial snapshot.
             let next = try await site.runCLI(["checkpoint"])
@@ -75,22 +72,18 @@ struct GuardTests {
         try await TestWorld.with { world in
             let site = try TestSite(world, holdTimeout: "4s")
             try site.addExecWriter("app")
-            let probe = StallProbe(directory: world.guest)
             let coordinator = try site.startCLI(["checkpoint"], environment: ["QUIESCE_FAULT_HOLD_PAUSE_MS": "25000"])
-            let stalled = await probe.waitForStall(within: .seconds(30))
-            #expect(stalled != nil, "the guest was never held")
             // Stop the coordinator mid-hold, as a deadlock or a stuck syscall would.
-            coordinator.signal(SIGSTOP, group: false)
+            let probe = StallProbe(directory: world.guest, threshold: .seconds(1)) { _ in coordinator.signal(SIGSTOP, group: false) }
+            let status = await exitStatus(of: coordinator, within: .seconds(60))
             await probe.stop()
-            let status = await exitStatus(of: coordinator, within: .seconds(10))
             coordinator.terminate()
             #expect(status == 128 + SIGKILL, "the guard did not kill the hung coordinator (status \(String(describing: status)))")
-            if let stalled {
-                let completed = try #require(probe.completion(of: stalled.name), "the guest is still frozen")
-                // hold_timeout (4 s) + the guard's grace: within "deadline plus one second".
-                #expect(completed - stalled.issued < .seconds(5), "the guest stayed frozen \(completed - stalled.issued)")
-            }
-            #expect(await eventually(within: .seconds(3)) { site.calls("app").last == "freeze-failed" })
+            let stall = try #require(probe.stall, "the guest was never held")
+            let completed = try #require(probe.completion(of: stall.write.name), "the guest is still frozen")
+            // hold_timeout (4 s) + the guard's grace: within "deadline plus one second".
+            #expect(completed - stall.write.issued < .seconds(5), "the guest stayed frozen \(completed - stall.write.issued)")
+            #expect(await eventually(within: .seconds(5)) { site.calls("app").last == "freeze-failed" })
         }
     }
 
@@ -103,7 +96,8 @@ struct GuardTests {
             #expect(result.status == 5, "exit \(result.status): \(result.stderr)")
             #expect(result.stderr.contains("hold limit of 1 s"))
             #expect(site.calls("app") == ["freeze", "freeze-failed"])
-            #expect(try await timeToWrite(world) < .seconds(1))
+            // Writable again: a write and fsync complete (a frozen guest would block them).
+            #expect(try await timeToWrite(world) < .seconds(5))
             #expect(site.snapshotFiles() == [])
             #expect(ContinuousClock.now - started < .seconds(15))
         }

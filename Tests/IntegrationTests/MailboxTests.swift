@@ -1,5 +1,7 @@
 import Foundation
+import Logging
 import Quiesce
+import QuiesceLab
 import QuiesceCore
 import QuiesceTestSupport
 import Synchronization
@@ -214,6 +216,40 @@ struct MailboxTests {
     }
 
     @Test(.enabled(if: GuestMailStore.installed || TestEnvironment.isCI))
+    func mboxDeliveryArrivingDuringTheFreezeIsDelayedNotLost() async throws {
+        try await TestWorld.with { world in
+            let site = try TestSite(world)
+            let store = try GuestMailStore(world, format: "mbox", users: ["alice"])
+            #expect(try store.deliver("alice", 1))
+            try store.register(site, order: 0)
+            // A second writer keeps the freeze going for a while after the mailbox is locked.
+            let frozenMark = world.path("frozen")
+            try site.addExecWriter("slow", order: 10, onFreeze: "touch \(frozenMark); sleep 2")
+            let checkpoint = Task { try await site.installation().checkpoint(label: "delayed") }
+            #expect(await eventually(within: .seconds(20)) { FileManager.default.fileExists(atPath: frozenMark) })
+            let delivered = Mutex<(ok: Bool, at: ContinuousClock.Instant)?>(nil)
+            let thread = Thread {
+                let ok = (try? store.deliver("alice", 2)) ?? false
+                delivered.withLock { $0 = (ok, .now) }
+            }
+            thread.start()
+            try await Task.sleep(for: .milliseconds(800))
+            #expect(delivered.withLock { $0 } == nil, "the delivery did not wait for the freeze")
+            let result = try await checkpoint.value
+            #expect(result.record.outcome == .completed, "\(String(describing: result.error))")
+            #expect(await eventually(within: .seconds(20)) { delivered.withLock { $0 } != nil })
+            #expect(delivered.withLock { $0?.ok } == true)
+            // Delivered after thaw: in the live store, not in the snapshot.
+            let live = try store.messages(in: store.root)
+            #expect(live["alice.2"] == true && live["alice.1"] == true)
+            let snapshot = try #require(result.record.snapshots.first)
+            let held = try await world.withMountedCopy(of: snapshot.path) { copy in try store.messages(in: copy + "/mail") }
+            #expect(held["alice.1"] == true && held["alice.2"] == nil, "snapshot holds \(held)")
+            #expect(store.lockFiles().isEmpty)
+        }
+    }
+
+    @Test(.enabled(if: GuestMailStore.installed || TestEnvironment.isCI))
     func abortedCheckpointLeavesNoMailLock() async throws {
         try await TestWorld.with { world in
             let site = try TestSite(world)
@@ -262,4 +298,43 @@ struct MailboxTests {
 /// A lock file naming this (the coordinator's) process.
 func isOurLock(_ path: String) -> Bool {
     ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").hasPrefix("\(getpid()):")
+}
+
+/// The lab's mail store on its own: `dovecot-lda` delivering during the demo's checkpoints,
+/// each snapshot verified by the mailbox writer (doveadm force-resync on the copy).
+@Suite(.enabled(if: TestEnvironment.canBuildWorlds || TestEnvironment.isCI))
+struct MailboxLabTests {
+    @Test(.enabled(if: GuestMailStore.installed || TestEnvironment.isCI))
+    func labDemoDeliversMailDuringCheckpointsAndEverySnapshotVerifies() async throws {
+        try TestEnvironment.requireWorlds()
+        var template = Array("/tmp/quiesce-maillab-XXXXXX".utf8CString)
+        let made = try template.withUnsafeMutableBufferPointer { buffer in
+            guard let made = mkdtemp(buffer.baseAddress!) else { throw POSIXFailure("mkdtemp", errno) }
+            return String(cString: made)
+        }
+        chmod(made, 0o755)
+        let lab = Lab(root: made + "/lab", sizes: LabSizes(datastoreBytes: 1 << 30, imageBytes: 256 << 20, drBytes: 512 << 20),
+                      applications: [MailboxLabApplication()], logger: Logger(label: "mailbox-lab-test"))
+        let result: Result<Demo.Report, any Error>
+        do {
+            result = .success(try await Demo(lab: lab, executable: try Executables.requireQuiesce(), checkpoints: 2,
+                                             interval: .milliseconds(500)).run())
+        } catch {
+            result = .failure(error)
+        }
+        try await lab.down()
+        try FileManager.default.removeItem(atPath: made)
+        let report = try result.get()
+        #expect(report.ok)
+        #expect(report.checkpoints.count == 2)
+        for line in report.checkpoints {
+            let check = try #require(line.check, "checkpoint \(line.record.id) was not checked: \(line.error ?? "")")
+            let mail = try #require(check.writers.first { $0.writer == "mail" })
+            #expect(mail.ok, "\(line.record.id): \(mail)")
+        }
+        #expect(report.workloads.count == 3)
+        for (name, summary) in report.workloads {
+            #expect(summary.hasSuffix(" deliveries, 0 failed") && !summary.hasPrefix("0 "), "\(name): \(summary)")
+        }
+    }
 }

@@ -150,11 +150,32 @@ final class StallProbe: @unchecked Sendable {
     private var stopping = false
     private let finished = DispatchSemaphore(value: 0)
 
-    init(directory: String) {
+    /// `onStall` runs once, on a watcher thread of its own, as soon as a write has been pending
+    /// longer than `threshold`: a test acts inside the hold even when its own tasks are slow to
+    /// be scheduled (the test process's two cooperative threads may be busy with other tests).
+    init(directory: String, threshold: Duration = .milliseconds(200), onStall: (@Sendable (Write) -> Void)? = nil) {
         self.directory = directory
         let thread = Thread { [self] in run() }
         thread.start()
+        if let onStall {
+            let watcher = Thread { [self] in
+                while !lock.withLock({ stopping }) {
+                    if let write = stalled(longerThan: threshold) {
+                        onStall(write)
+                        lock.withLock { firedAt = (write, .now) }
+                        return
+                    }
+                    usleep(5_000)
+                }
+            }
+            watcher.start()
+        }
     }
+
+    private var firedAt: (Write, ContinuousClock.Instant)?
+
+    /// The write that was pending when `onStall` ran, and when it ran.
+    var stall: (write: Write, actedAt: ContinuousClock.Instant)? { lock.withLock { firedAt.map { ($0.0, $0.1) } } }
 
     var writes: [Write] { lock.withLock { log } }
 

@@ -201,6 +201,22 @@ struct MailboxWriterTests {
         #expect(report.ok, "\(report.details)")
     }
 
+    @Test func folderDeletedBetweenPrepareAndFreezeIsLeftOutNotAFailure() async throws {
+        let fixture = try MailStoreFixture(format: .maildir, users: ["frank"])
+        defer { fixture.remove() }
+        try fixture.createFolder("frank", "Old")
+        #expect(try fixture.deliver("frank", 1).succeeded)
+        let writer = try mailboxWriter(fixture)
+        let guardian = RecordingGuardian()
+        try await writer.prepare(mailContext(.prepare, guardian: guardian))
+        try FileManager.default.removeItem(atPath: fixture.root + "/frank/.Old")
+        let marker = try await writer.freeze(mailContext(.freeze, guardian: guardian))
+        let summary = try JSONDecoder().decode([String: [String: Int]].self, from: Data(try #require(marker["folders_state"]).utf8))
+        #expect(Set(summary.keys) == ["frank"])
+        try await writer.thaw(mailContext(.thaw, guardian: guardian), outcome: .completed)
+        #expect(fixture.lockFiles().isEmpty && guardian.armed.isEmpty)
+    }
+
     @Test func staleDotlockOfADeadProcessIsReplacedAndALiveHoldersLockTimesOutNamingTheFolder() async throws {
         let fixture = try MailStoreFixture(format: .maildir, users: ["carol"])
         defer { fixture.remove() }

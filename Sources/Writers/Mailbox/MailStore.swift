@@ -285,12 +285,4 @@ enum MailStore {
         }
         return FolderState(m: messages, v: validity, n: max(lastUID, maxUID) &+ 1, s: UInt64(size))
     }
-
-    /// fsync of a directory (or file); errors ignored apart from reporting.
-    static func fsyncPath(_ path: String) -> Bool {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        return fsync(fd) == 0
-    }
 }

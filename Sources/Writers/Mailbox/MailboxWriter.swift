@@ -58,7 +58,8 @@ public struct MailboxWriterFactory: WriterFactory {
 /// - freeze, Maildir: creates `dovecot-uidlist.lock` in every folder by Dovecot's dotlock rules
 ///   (see `Dotlock`), so no Dovecot process can assign UIDs or rewrite the uidlist until thaw.
 ///   Deliveries go on: `dovecot-lda` still moves new mail into `new/` atomically, without a UID.
-///   Then fsyncs each folder's directory, `cur/` and `new/`.
+///   Then one `syncfs` of the store's filesystem makes every folder durable (an fsync per
+///   directory would cost a device cache flush each: seconds for thousands of folders).
 ///   mbox: Dovecot's default `mbox_write_locks = dotlock fcntl`, in that order: `<mbox>.lock`,
 ///   then a write lock on the whole file; deliveries wait for thaw.
 ///   A lock Dovecot holds is retried with back-off for at most `lock_timeout`, holding nothing
@@ -85,7 +86,7 @@ public final class MailboxWriter: Writer {
     let specFile: String
 
     /// How many message file names the marker lists (the newest first).
-    public static let markerNameLimit = 1000
+    public static let markerNameLimit = 256
     /// Folders handed to one blocking worker at a time.
     static let batchSize = 64
     /// Dovecot's stale timeouts: `dovecot-uidlist.lock` (MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT) and
@@ -176,6 +177,7 @@ public final class MailboxWriter: Writer {
         // Leave the coordinator time to hear about a lock we could not get.
         let lockDeadline = min(started + lockTimeout, context.deadline - .milliseconds(200))
         let results = FolderResults(count: folders.count)
+        let armTime = TimeTally()
         let next = BatchCursor()
         let workers = max(1, min(4, (folders.count + Self.batchSize - 1) / Self.batchSize))
         let format = self.format
@@ -184,23 +186,42 @@ public final class MailboxWriter: Writer {
                 for _ in 0..<workers {
                     group.addTask { [self] in
                         while true {
+                            // Another worker failed: stop taking locks (the caller releases them).
+                            try Task.checkCancellation()
                             let start = next.take(Self.batchSize)
                             if start >= folders.count { return }
-                            let batch = Array(start..<min(start + Self.batchSize, folders.count))
-                            var duties: [GuardDutyID] = []
-                            for index in batch {
+                            var pending = Array(start..<min(start + Self.batchSize, folders.count))
+                            var backoff = Duration.milliseconds(1)
+                            let started = ContinuousClock.now
+                            while !pending.isEmpty {
+                                // Armed just before each create, and disarmed when the folder turned out busy:
+                                // the guard only ever removes a lock file while it is ours to remove.
+                                var duties: [GuardDutyID] = []
+                                let arming = ContinuousClock.now
+                                for index in pending {
+                                    if session.isCancelled { throw abandoned() }
+                                    duties.append(try await context.guardian.arm(.removeFile(path: folders[index].lockPath(format))))
+                                }
+                                armTime.add(ContinuousClock.now - arming)
+                                let attempt = Array(zip(pending, duties))
+                                let outcome = try await runBlocking {
+                                    Self.lockOnce(attempt, folders: folders, format: format, session: session, results: results)
+                                }
+                                for duty in duties where !session.holds(duty) { try? await context.guardian.disarm(duty) }
+                                if let problem = outcome.problem {
+                                    throw LockFailure(folder: folders[problem.index], holder: nil, waited: .now - started,
+                                                      problem: problem.text).error(writer: self)
+                                }
                                 if session.isCancelled { throw abandoned() }
-                                duties.append(try await context.guardian.arm(.removeFile(path: folders[index].lockPath(format))))
+                                pending = outcome.busy.map(\.index)
+                                guard let first = outcome.busy.first else { break }
+                                if ContinuousClock.now + backoff > lockDeadline {
+                                    throw LockFailure(folder: folders[first.index], holder: first.holder, waited: .now - started,
+                                                      problem: nil).error(writer: self)
+                                }
+                                try await Task.sleep(for: backoff)
+                                backoff = min(backoff * 2, .milliseconds(100))
                             }
-                            let armed = duties
-                            let failure = try await runBlocking {
-                                Self.lockBatch(batch, folders: folders, duties: armed, format: format, session: session,
-                                               results: results, until: lockDeadline)
-                            }
-                            // Duties of folders we did not lock: forget them (the file is not ours).
-                            let unused = duties.filter { !session.holds($0) }
-                            for duty in unused { try? await context.guardian.disarm(duty) }
-                            if let failure { throw failure.error(writer: self) }
                         }
                     }
                 }
@@ -214,6 +235,21 @@ public final class MailboxWriter: Writer {
         if session.isCancelled {
             await release(session, context)
             throw abandoned()
+        }
+        // One syncfs of the store's filesystem makes every folder's messages and renames durable:
+        // an fsync per directory costs a device cache flush each (seconds for thousands of folders).
+        let (root, indexRoot) = (self.root, self.indexRoot)
+        do {
+            try await runBlocking {
+                for path in [root] + (indexRoot.map { [$0] } ?? []) {
+                    let fd = try FilesystemHold.open(path)
+                    defer { close(fd) }
+                    try FilesystemHold.sync(fd, mount: path)
+                }
+            }
+        } catch {
+            // The coordinator's syncfs of the whole volume follows anyway.
+            context.logger.warning("syncfs of the mail store failed", metadata: ["root": "\(root)", "error": "\(error)"])
         }
 
         var marker = ConsistencyMarker()
@@ -238,6 +274,7 @@ public final class MailboxWriter: Writer {
         context.logger.info("mail folders locked", metadata: [
             "root": "\(root)", "folders": "\(folders.count)", "messages": "\(total)",
             "took_ms": "\(Int((ContinuousClock.now - started).milliseconds))",
+            "guard_ms": "\(Int(armTime.total.milliseconds))",
         ])
         return marker
     }
@@ -261,45 +298,41 @@ public final class MailboxWriter: Writer {
         }
     }
 
-    /// Locks each folder of the batch (retrying busy ones with back-off until `until`), reading
-    /// its state as soon as its lock is held. Returns the first failure, or nil. Blocking.
-    static func lockBatch(_ batch: [Int], folders: [MailFolder], duties: [GuardDutyID], format: MailFormat,
-                          session: LockSession, results: FolderResults, until deadline: ContinuousClock.Instant) -> LockFailure? {
-        var pending = Array(zip(batch, duties))
-        var holders: [Int: String] = [:]
-        var backoff = Duration.milliseconds(1)
-        let started = ContinuousClock.now
-        while true {
-            var stillBusy: [(Int, GuardDutyID)] = []
-            for (index, duty) in pending {
-                if session.isCancelled { return nil }
-                let folder = folders[index]
-                do {
-                    switch try lockFolder(folder, format: format) {
-                    case .busy(let holder):
-                        holders[index] = holder
-                        stillBusy.append((index, duty))
-                    case .held(let lock):
-                        guard session.adopt(lock, duty: duty) else {
-                            _ = lock.release()
-                            return nil
-                        }
-                        let state = try readState(folder, format: format)
-                        results.set(index, state)
+    /// What one pass over some folders did.
+    struct PassOutcome: Sendable {
+        /// Folders someone else holds, with who.
+        var busy: [(index: Int, holder: String)] = []
+        /// A folder that cannot be locked at all (not a wait).
+        var problem: (index: Int, text: String)?
+    }
+
+    /// One attempt at each folder's lock; a folder locked is adopted by the session and its state
+    /// read at once. Stops at the first hard problem, or when the session is cancelled. Blocking.
+    static func lockOnce(_ attempt: [(Int, GuardDutyID)], folders: [MailFolder], format: MailFormat,
+                         session: LockSession, results: FolderResults) -> PassOutcome {
+        var outcome = PassOutcome()
+        for (index, duty) in attempt {
+            if session.isCancelled { return outcome }
+            let folder = folders[index]
+            do {
+                switch try lockFolder(folder, format: format) {
+                case .busy(let holder):
+                    outcome.busy.append((index, holder))
+                case .held(let lock):
+                    guard session.adopt(lock, duty: duty) else {
+                        _ = lock.release()
+                        return outcome
                     }
-                } catch {
-                    return LockFailure(folder: folder, holder: nil, waited: .now - started, problem: "\(error)")
+                    results.set(index, try readState(folder, format: format))
                 }
+            } catch {
+                // A folder deleted since prepare (IMAP DELETE) is simply not in this checkpoint.
+                if access(folder.path, F_OK) != 0 && errno == ENOENT { continue }
+                outcome.problem = (index, "\(error)")
+                return outcome
             }
-            pending = stillBusy
-            if pending.isEmpty { return nil }
-            if ContinuousClock.now + backoff > deadline {
-                let (index, _) = pending[0]
-                return LockFailure(folder: folders[index], holder: holders[index], waited: .now - started, problem: nil)
-            }
-            Thread.sleep(forTimeInterval: backoff.seconds)
-            backoff = min(backoff * 2, .milliseconds(100))
         }
+        return outcome
     }
 
     enum FolderLock {
@@ -345,7 +378,6 @@ public final class MailboxWriter: Writer {
     static func readState(_ folder: MailFolder, format: MailFormat) throws -> FolderResult {
         switch format {
         case .maildir:
-            for path in [folder.path, folder.path + "/cur", folder.path + "/new"] { _ = MailStore.fsyncPath(path) }
             let names = MailStore.maildirMessages(folder.path)
             let uidlist = try MailStore.uidlist(folder.path + "/dovecot-uidlist")
             return FolderResult(state: FolderState(m: names.count, v: uidlist.validity, n: uidlist.next), names: names)
@@ -446,6 +478,13 @@ final class LockSession: Sendable {
 final class BatchCursor: Sendable {
     private let next = Atomic<Int>(0)
     func take(_ count: Int) -> Int { next.add(count, ordering: .relaxed).oldValue }
+}
+
+/// Time spent by all workers in one activity (handing lock files to the guard).
+final class TimeTally: Sendable {
+    private let spent = Mutex<Duration>(.zero)
+    func add(_ duration: Duration) { spent.withLock { $0 += duration } }
+    var total: Duration { spent.withLock { $0 } }
 }
 
 /// Per-folder results, filled by the workers.
