@@ -101,6 +101,22 @@ public struct VerifyReport: Sendable, Codable, Equatable {
     }
 }
 
+/// What a writer's verify checked, line by line; failed if any check failed.
+public struct VerifyChecks: Sendable {
+    public private(set) var details: [String] = []
+    public private(set) var failed = false
+
+    public init() {}
+
+    public mutating func pass(_ line: String) { details.append(line) }
+    public mutating func fail(_ line: String) {
+        failed = true
+        details.append("FAILED: " + line)
+    }
+
+    public var report: VerifyReport { VerifyReport(ok: !failed, details: details) }
+}
+
 /// A writer's state, as `quiesce writers list` shows it (the VSS names).
 public enum WriterState: Sendable, Codable, Equatable, CustomStringConvertible {
     case stable

@@ -24,7 +24,7 @@ extension MailboxWriter {
     }
 
     func verifyCopy(_ copy: CopyLayout, marker: ConsistencyMarker) throws -> VerifyReport {
-        var checks = MailChecks()
+        var checks = VerifyChecks()
         let liveRoot = marker[Self.rootKey] ?? root
         let format = marker[Self.formatKey].flatMap(MailFormat.init(rawValue:)) ?? self.format
         guard let copyRoot = copy.translate(liveRoot) else {
@@ -218,16 +218,3 @@ extension MailboxWriter {
     }
 }
 
-/// What verify checked, line by line; failed if any check failed.
-struct MailChecks {
-    private(set) var details: [String] = []
-    private(set) var failed = false
-
-    mutating func pass(_ line: String) { details.append(line) }
-    mutating func fail(_ line: String) {
-        failed = true
-        details.append("FAILED: " + line)
-    }
-
-    var report: VerifyReport { VerifyReport(ok: !failed, details: details) }
-}

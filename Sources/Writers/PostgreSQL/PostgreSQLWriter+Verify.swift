@@ -23,7 +23,7 @@ extension PostgreSQLWriter {
     }
 
     func verifyCopy(_ copy: CopyLayout, marker: ConsistencyMarker) throws -> VerifyReport {
-        var checks = PGVerifyChecks()
+        var checks = VerifyChecks()
         guard let live = marker[Self.dataDirectoryKey] ?? dataDirectory else {
             checks.fail("the marker records no data_directory, and the spec sets none: cannot find the data directory in the copy")
             return checks.report
@@ -160,7 +160,7 @@ extension PostgreSQLWriter {
     /// Removes the live server's lock file and re-points symlinks to live paths, then gives the
     /// data directory (and WAL directory and tablespaces inside the copy) to the server's user.
     private func prepareCopy(_ directory: String, copy: CopyLayout, owner: (uid: uid_t, gid: gid_t),
-                             checks: inout PGVerifyChecks) throws {
+                             checks: inout VerifyChecks) throws {
         if unlink(directory + "/postmaster.pid") == 0 {
             checks.pass("removed the live server's postmaster.pid from the copy")
         }
@@ -257,16 +257,3 @@ extension PostgreSQLWriter {
     }
 }
 
-/// What verify checked, line by line; failed if any check failed.
-struct PGVerifyChecks {
-    private(set) var details: [String] = []
-    private(set) var failed = false
-
-    mutating func pass(_ line: String) { details.append(line) }
-    mutating func fail(_ line: String) {
-        failed = true
-        details.append("FAILED: " + line)
-    }
-
-    var report: VerifyReport { VerifyReport(ok: !failed, details: details) }
-}

@@ -164,16 +164,3 @@ extension SQLiteWriter {
     }
 }
 
-/// What verify checked, line by line; failed if any check failed.
-struct VerifyChecks {
-    private(set) var details: [String] = []
-    private(set) var failed = false
-
-    mutating func pass(_ line: String) { details.append(line) }
-    mutating func fail(_ line: String) {
-        failed = true
-        details.append("FAILED: " + line)
-    }
-
-    var report: VerifyReport { VerifyReport(ok: !failed, details: details) }
-}
