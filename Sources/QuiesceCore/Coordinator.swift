@@ -7,6 +7,9 @@ public protocol FreezeGuardSession: Sendable {
     /// Returns once the guard holds the duty.
     func arm(_ duty: GuardDuty, deadline: ContinuousClock.Instant) async throws -> GuardDutyID
     func disarm(_ id: GuardDutyID) async throws
+    /// Many duties with one deadline, in one exchange.
+    func arm(all duties: [GuardDuty], deadline: ContinuousClock.Instant) async throws -> [GuardDutyID]
+    func disarm(all ids: [GuardDutyID]) async throws
     /// Every duty was done by its owner: the guard exits without running any.
     func close() async
 }
@@ -82,6 +85,9 @@ struct NoGuardian: FreezeGuardian {
         throw WriterError(.nonRetryable, "no freeze guard outside a checkpoint")
     }
     func disarm(_ id: GuardDutyID) async throws {}
+    func arm(all duties: [GuardDuty]) async throws -> [GuardDutyID] {
+        throw WriterError(.nonRetryable, "no freeze guard outside a checkpoint")
+    }
 }
 
 /// The guard acts this long after the coordinator's own limit, so that a healthy coordinator
@@ -94,6 +100,10 @@ struct WriterGuardian: FreezeGuardian {
     let deadline: ContinuousClock.Instant
     func arm(_ duty: GuardDuty) async throws -> GuardDutyID { try await session.arm(duty, deadline: deadline + guardGrace) }
     func disarm(_ id: GuardDutyID) async throws { try await session.disarm(id) }
+    func arm(all duties: [GuardDuty]) async throws -> [GuardDutyID] {
+        try await session.arm(all: duties, deadline: deadline + guardGrace)
+    }
+    func disarm(all ids: [GuardDutyID]) async throws { try await session.disarm(all: ids) }
 }
 
 /// One checkpoint's mutable state. Confined to the task that runs it.

@@ -4,8 +4,9 @@ public enum GuardDuty: Sendable, Codable, Equatable {
     case thawFilesystem(mount: String)
     /// Run a command (an exec writer's `thaw`), killed after `timeoutSeconds`.
     case runCommand(executable: String, arguments: [String], environment: [String: String], timeoutSeconds: Double)
-    /// Remove a lock file the writer created (a mailbox dotlock), if it is still ours.
-    case removeFile(path: String)
+    /// Remove a lock file the writer created (a mailbox dotlock) — only if it still holds
+    /// `expectedContent` (when given): someone else's lock of the same name is never removed.
+    case removeFile(path: String, expectedContent: String? = nil)
 }
 
 /// The handle a writer uses to hand the guard its undo duty before it freezes something
@@ -19,6 +20,22 @@ public protocol FreezeGuardian: Sendable {
     func arm(_ duty: GuardDuty) async throws -> GuardDutyID
     /// The writer undid it itself: the guard forgets it.
     func disarm(_ id: GuardDutyID) async throws
+    /// Arm many duties in one exchange (thousands of mailbox locks); ids in the same order.
+    func arm(all duties: [GuardDuty]) async throws -> [GuardDutyID]
+    /// Disarm many duties in one exchange.
+    func disarm(all ids: [GuardDutyID]) async throws
+}
+
+extension FreezeGuardian {
+    public func arm(all duties: [GuardDuty]) async throws -> [GuardDutyID] {
+        var ids: [GuardDutyID] = []
+        for duty in duties { ids.append(try await arm(duty)) }
+        return ids
+    }
+
+    public func disarm(all ids: [GuardDutyID]) async throws {
+        for id in ids { try await disarm(id) }
+    }
 }
 
 public struct GuardDutyID: Sendable, Hashable, Codable {

@@ -43,8 +43,10 @@ public enum GuardMain {
             let n = read(0, &buffer, buffer.count)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 {
-                if !state.isEmpty { state.runAll(reason: "the coordinator exited while holding") }
-                exit(state.isEmpty ? 0 : 1)
+                // Exit 1 when there was something to undo: the coordinator died holding it.
+                let held = !state.isEmpty
+                if held { state.runAll(reason: "the coordinator exited while holding") }
+                exit(held ? 1 : 0)
             }
             pending += buffer[0..<n]
             while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
@@ -68,6 +70,22 @@ public enum GuardMain {
                 case .disarm:
                     if let id = request.id { state.disarm(id) }
                     say("ok \(request.id ?? -1)")
+                case .armMany:
+                    guard let ids = request.ids, let duties = request.duties, ids.count == duties.count,
+                          let seconds = request.seconds, let first = ids.first else {
+                        say("error incomplete armMany")
+                        continue
+                    }
+                    let deadline = monotonicSeconds() + seconds
+                    var failure: String?
+                    for (id, duty) in zip(ids, duties) where failure == nil {
+                        failure = state.arm(id: id, duty: duty, deadline: deadline)
+                    }
+                    say(failure.map { "error \(first) \($0)" } ?? "ok \(first)")
+                case .disarmMany:
+                    let ids = request.ids ?? []
+                    state.disarm(Set(ids))
+                    say("ok \(ids.first ?? -1)")
                 case .close:
                     exit(0)
                 }
@@ -113,9 +131,11 @@ struct GuardState {
         return nil
     }
 
-    mutating func disarm(_ id: Int) {
-        for entry in armed where entry.id == id && entry.fd >= 0 { close(entry.fd) }
-        armed.removeAll { $0.id == id }
+    mutating func disarm(_ id: Int) { disarm([id]) }
+
+    mutating func disarm(_ ids: Set<Int>) {
+        for entry in armed where ids.contains(entry.id) && entry.fd >= 0 { close(entry.fd) }
+        armed.removeAll { ids.contains($0.id) }
     }
 
     /// Filesystems first (so that what follows cannot block on them), then the rest, newest first.
@@ -133,7 +153,11 @@ struct GuardState {
             switch entry.duty {
             case .thawFilesystem:
                 continue
-            case .removeFile(let path):
+            case .removeFile(let path, let expected):
+                // Never someone else's lock of the same name (a delivery took it after ours went).
+                if let expected, KernelFile.text(path) != expected {
+                    continue
+                }
                 if unlink(path) == 0 { report.append("removed \(path)") }
             case .runCommand(let executable, let arguments, let environment, let timeout):
                 do {
@@ -147,7 +171,8 @@ struct GuardState {
             }
         }
         armed.removeAll()
-        let text = "quiesce guard: \(reason); " + report.joined(separator: "; ") + "\n"
+        let shown = report.count > 20 ? Array(report.prefix(20)) + ["… \(report.count - 20) more"] : report
+        let text = "quiesce guard: \(reason); " + shown.joined(separator: "; ") + "\n"
         _ = text.withCString { write(2, $0, strlen($0)) }
     }
 }

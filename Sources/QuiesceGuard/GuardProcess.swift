@@ -49,6 +49,31 @@ public final class GuardProcess: FreezeGuardSession {
         return GuardDutyID(id)
     }
 
+    public func arm(all duties: [GuardDuty], deadline: ContinuousClock.Instant) async throws -> [GuardDutyID] {
+        guard !duties.isEmpty else { return [] }
+        let ids = try await runBlocking { () throws -> [Int] in
+            try self.channel.withLock { channel in
+                let ids = Array(channel.nextID..<(channel.nextID + duties.count))
+                channel.nextID += duties.count
+                let seconds = max(0, (deadline - .now).seconds)
+                let answer = try self.exchange(GuardRequest(op: .armMany, seconds: seconds, ids: ids, duties: duties), &channel)
+                guard answer == "ok \(ids[0])" else { throw GuardError("the guard refused duties: \(answer)") }
+                return ids
+            }
+        }
+        return ids.map(GuardDutyID.init)
+    }
+
+    public func disarm(all ids: [GuardDutyID]) async throws {
+        guard let first = ids.first else { return }
+        try await runBlocking {
+            try self.channel.withLock { channel in
+                let answer = try self.exchange(GuardRequest(op: .disarmMany, ids: ids.map(\.rawValue)), &channel)
+                guard answer == "ok \(first.rawValue)" else { throw GuardError("the guard did not confirm disarming: \(answer)") }
+            }
+        }
+    }
+
     public func disarm(_ id: GuardDutyID) async throws {
         try await runBlocking {
             try self.channel.withLock { channel in
@@ -63,6 +88,14 @@ public final class GuardProcess: FreezeGuardSession {
         child.closeStdin()
         let child = self.child
         _ = try? await runBlocking { child.wait() }
+    }
+
+    /// Closes the pipe without a `close` request, as the coordinator's death would: the guard
+    /// runs every armed duty. (For tests of the guard itself.)
+    func abandon() async -> Int32 {
+        child.closeStdin()
+        let child = self.child
+        return (try? await runBlocking { child.wait() }) ?? -1
     }
 
     /// One request and its answer line. Called with the channel locked.

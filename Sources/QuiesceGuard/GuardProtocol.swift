@@ -6,6 +6,10 @@ struct GuardRequest: Codable {
     enum Operation: String, Codable {
         case arm
         case disarm
+        /// `ids[i]` for `duties[i]`, one deadline; answered with `ok <first id>`.
+        case armMany
+        /// Answered with `ok <first id>`.
+        case disarmMany
         /// Every duty was done by its owner: exit without running any.
         case close
     }
@@ -14,4 +18,6 @@ struct GuardRequest: Codable {
     /// Seconds from now until the duty's deadline (monotonic clocks are not shared between processes).
     var seconds: Double?
     var duty: GuardDuty?
+    var ids: [Int]?
+    var duties: [GuardDuty]?
 }

@@ -22,7 +22,10 @@ import Testing
     }
 
     @Test func childInheritsOnlyStandardDescriptors() async throws {
-        let fd = open("/dev/null", O_RDONLY)  // deliberately not close-on-exec
+        // Deliberately not close-on-exec, and numbered high: `ls` itself opens low descriptors.
+        let low = open("/dev/null", O_RDONLY)
+        let fd = fcntl(low, F_DUPFD, 90)
+        close(low)
         defer { close(fd) }
         let result = try await ChildProcess.run("/bin/sh", ["-c", "ls /proc/self/fd"])
         let descriptors = result.stdout.split(separator: "\n").compactMap { Int($0) }

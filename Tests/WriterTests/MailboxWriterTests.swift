@@ -177,7 +177,8 @@ struct MailboxWriterTests {
         let content = try String(contentsOfFile: fixture.root + "/alice/dovecot-uidlist.lock", encoding: .utf8)
         #expect(content.hasPrefix("\(getpid()):"))
         #expect(guardian.armed.count == 3)
-        #expect(guardian.armed.contains(.removeFile(path: fixture.root + "/bob/dovecot-uidlist.lock")))
+        // The guard is told the lock's content, so it never removes someone else's lock of that name.
+        #expect(guardian.armed.contains(.removeFile(path: fixture.root + "/bob/dovecot-uidlist.lock", expectedContent: content)))
         let summary = try JSONDecoder().decode([String: [String: Int]].self, from: Data(try #require(marker["folders_state"]).utf8))
         #expect(summary["alice"]?["m"] == 5)
         #expect(summary["alice"]?["n"] == 6)

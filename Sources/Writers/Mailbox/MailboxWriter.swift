@@ -196,18 +196,19 @@ public final class MailboxWriter: Writer {
                             while !pending.isEmpty {
                                 // Armed just before each create, and disarmed when the folder turned out busy:
                                 // the guard only ever removes a lock file while it is ours to remove.
-                                var duties: [GuardDutyID] = []
+                                // One exchange for the whole batch; the guard removes a lock only while
+                                // it still holds our content.
+                                if session.isCancelled { throw abandoned() }
                                 let arming = ContinuousClock.now
-                                for index in pending {
-                                    if session.isCancelled { throw abandoned() }
-                                    duties.append(try await context.guardian.arm(.removeFile(path: folders[index].lockPath(format))))
-                                }
+                                let duties = try await context.guardian.arm(all: pending.map {
+                                    .removeFile(path: folders[$0].lockPath(format), expectedContent: Dotlock.ownContent)
+                                })
                                 armTime.add(ContinuousClock.now - arming)
                                 let attempt = Array(zip(pending, duties))
                                 let outcome = try await runBlocking {
                                     Self.lockOnce(attempt, folders: folders, format: format, session: session, results: results)
                                 }
-                                for duty in duties where !session.holds(duty) { try? await context.guardian.disarm(duty) }
+                                try? await context.guardian.disarm(all: duties.filter { !session.holds($0) })
                                 if let problem = outcome.problem {
                                     throw LockFailure(folder: folders[problem.index], holder: nil, waited: .now - started,
                                                       problem: problem.text).error(writer: self)
@@ -414,7 +415,7 @@ public final class MailboxWriter: Writer {
         let held = session.cancelAndTake()
         guard !held.isEmpty else { return [] }
         let problems = (try? await runBlocking { held.compactMap { $0.lock.release() } }) ?? ["release did not run"]
-        for (_, duty) in held { try? await context.guardian.disarm(duty) }
+        try? await context.guardian.disarm(all: held.map { $0.1 })
         for problem in problems { context.logger.warning("\(problem)", metadata: ["writer": "\(name)"]) }
         return problems
     }
