@@ -286,11 +286,12 @@ struct MailboxTests {
             // The guard removes the dotlocks at once (the fcntl locks died with the coordinator).
             let released = await eventually(within: .seconds(5)) { store.lockFiles().isEmpty }
             #expect(released, "locks left after kill -9: \(store.lockFiles())")
-            #expect(ContinuousClock.now - killed < .seconds(2))
+            // At once, not at the freeze deadline; loose for loaded machines.
+            #expect(ContinuousClock.now - killed < .seconds(5))
             // Deliveries go on.
             let started = ContinuousClock.now
             #expect(try store.deliver("alice", 2))
-            #expect(ContinuousClock.now - started < .seconds(5))
+            #expect(ContinuousClock.now - started < .seconds(10))
         }
     }
 }
