@@ -4,7 +4,7 @@ import QuiesceTestSupport
 import Testing
 
 /// `quiesce` as cron and operators run it: exit codes, messages, the registry, the catalog, metrics.
-@Suite(.enabled(if: TestEnvironment.canBuildWorlds || TestEnvironment.isCI))
+@Suite(.enabled(if: TestEnvironment.canBuildWorlds || TestEnvironment.isCI), .serialized)
 struct CLITests {
     @Test func secondConcurrentCheckpointExits75AtOnceNamingTheHolder() async throws {
         try await TestWorld.with { world in

@@ -6,7 +6,7 @@ import ReflinkProvider
 import Testing
 
 /// A checkpoint on a real XFS datastore with a real ext4 guest, through the coordinator.
-@Suite(.enabled(if: TestEnvironment.canBuildWorlds || TestEnvironment.isCI))
+@Suite(.enabled(if: TestEnvironment.canBuildWorlds || TestEnvironment.isCI), .serialized)
 struct CheckpointTests {
     @Test func completedSnapshotSharesExtentsWithTheImageAndHoldsWhatWasWrittenBeforeTheFreeze() async throws {
         try await TestWorld.with { world in

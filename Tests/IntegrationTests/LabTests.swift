@@ -10,7 +10,7 @@ private let worlds = TestEnvironment.canBuildWorlds || TestEnvironment.isCI
 
 /// `quiesce lab up|status|demo|down`, run as an operator runs them: the built binary, a
 /// directory of its own under /tmp, small sizes.
-@Suite("Lab")
+@Suite("Lab", .serialized)
 struct LabTests {
     static let sizes = ["--image-size", "128", "--datastore-size", "768"]
 

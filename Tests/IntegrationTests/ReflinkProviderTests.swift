@@ -8,7 +8,7 @@ private let worlds = TestEnvironment.canBuildWorlds || TestEnvironment.isCI
 private let btrfsWorlds = TestEnvironment.canBuildWorlds && TestEnvironment.locate("mkfs.btrfs") != nil
 
 /// The reflink provider against real XFS, ext4 and btrfs datastores on loop devices.
-@Suite("Reflink provider")
+@Suite("Reflink provider", .serialized)
 struct ReflinkProviderTests {
     let provider = ReflinkProvider()
 

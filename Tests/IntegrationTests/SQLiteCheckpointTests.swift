@@ -12,7 +12,7 @@ private let worlds = TestEnvironment.canBuildWorlds || TestEnvironment.isCI
 /// The sqlite writer against the real system SQLite, a real guest filesystem on a loop device
 /// and real checkpoints (`Installation.checkpoint`, as `quiesce checkpoint` runs it), with the
 /// application's writes coming from processes of their own.
-@Suite("SQLite checkpoints")
+@Suite("SQLite checkpoints", .serialized)
 struct SQLiteCheckpointTests {
     /// A WAL-mode and a rollback-journal database under inserts from several processes each:
     /// every snapshot, copied out as an operator would, opens cleanly with no hot journal and
@@ -181,7 +181,9 @@ struct SQLiteCheckpointTests {
             let window = try #require(result.record.freezeWindowMs, "no freeze window recorded, though the exec writer froze")
             #expect(window >= 900, "gave up before busy_timeout: freeze window \(milliseconds(window))")
             #expect(window < 4000, "freeze window \(milliseconds(window)): not well under the 5 s deadline")
-            #expect(took < .seconds(15), "the whole aborted checkpoint took \(formatDuration(took))")
+            // It did not hang (the freeze window above is the precise check; this one includes the
+            // test process's own scheduling, which a loaded CI machine stretches).
+            #expect(took < .seconds(60), "the whole aborted checkpoint took \(formatDuration(took))")
 
             // The exec writer froze first (order 0), then heard freeze-failed, never thaw.
             let calls = try HookLog.read(hookLog)
