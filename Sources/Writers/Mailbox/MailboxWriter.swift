@@ -237,22 +237,8 @@ public final class MailboxWriter: Writer {
             await release(session, context)
             throw abandoned()
         }
-        // One syncfs of the store's filesystem makes every folder's messages and renames durable:
-        // an fsync per directory costs a device cache flush each (seconds for thousands of folders).
-        let (root, indexRoot) = (self.root, self.indexRoot)
-        do {
-            try await runBlocking {
-                for path in [root] + (indexRoot.map { [$0] } ?? []) {
-                    let fd = try FilesystemHold.open(path)
-                    defer { close(fd) }
-                    try FilesystemHold.sync(fd, mount: path)
-                }
-            }
-        } catch {
-            // The coordinator's syncfs of the whole volume follows anyway.
-            context.logger.warning("syncfs of the mail store failed", metadata: ["root": "\(root)", "error": "\(error)"])
-        }
-
+        // No flush here: the coordinator's syncfs and FIFREEZE of the whole volume come next, before
+        // the snapshot; a flush of our own would only lengthen everyone's freeze window.
         var marker = ConsistencyMarker()
         marker[Self.formatKey] = format.rawValue
         marker[Self.rootKey] = root
