@@ -37,6 +37,9 @@ public enum LoopDevice {
         } catch var error as SystemCommandError where error.stderr.contains("busy") {
             error.hint = "it is still mounted or open: `findmnt \(device)` shows where"
             throw error
+        } catch let error as SystemCommandError where error.stderr.contains("No such device or address") {
+            // Already detached (autoclear released it after its last unmount): nothing to do.
+            _ = error
         }
     }
 
