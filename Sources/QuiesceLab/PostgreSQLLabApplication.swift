@@ -154,7 +154,7 @@ public struct PostgreSQLLabApplication: LabApplication {
         if let text = try? String(contentsOfFile: file, encoding: .utf8), let port = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
             return port
         }
-        let port = Self.freePort()
+        let port = LoopbackPort.free(fallback: 54329)
         try "\(port)\n".write(toFile: file, atomically: true, encoding: .utf8)
         return port
     }
@@ -183,18 +183,5 @@ public struct PostgreSQLLabApplication: LabApplication {
         guard result.succeeded else {
             throw LabError("\((program as NSString).lastPathComponent) \(arguments.joined(separator: " ")) failed: \(result.stderr)\(result.stdout)")
         }
-    }
-
-    static func freePort() -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        return ok ? Int(UInt16(bigEndian: address.sin_port)) : 54329
     }
 }

@@ -28,7 +28,7 @@ public final class PostgresCluster: Sendable {
         self.dataDirectory = dataDirectory
         self.socketDirectory = scratch + "/socket"
         self.logFile = scratch + "/server.log"
-        self.port = Self.freePort()
+        self.port = LoopbackPort.free(fallback: 40000 + Int(getpid() % 20000))
         try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true)
         try Self.chownToPostgres(scratch)
         chmod(scratch, 0o755)
@@ -133,16 +133,4 @@ public final class PostgresCluster: Sendable {
         guard result.succeeded else { throw TestSupportError("chown -R \(user) \(path): \(result.stderr)") }
     }
 
-    static func freePort() -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        return ok ? Int(UInt16(bigEndian: address.sin_port)) : 40000 + Int(getpid() % 20000)
-    }
 }

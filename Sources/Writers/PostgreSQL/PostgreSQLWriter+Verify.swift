@@ -73,7 +73,7 @@ extension PostgreSQLWriter {
         }
         defer { try? FileManager.default.removeItem(atPath: privateDirectory) }
         let log = privateDirectory + "/server.log"
-        let port = Self.freePort()
+        let port = LoopbackPort.free(fallback: 54321)
         do {
             try "local all all trust\n".write(toFile: privateDirectory + "/pg_hba.conf", atomically: false, encoding: .utf8)
             _ = chown(privateDirectory + "/pg_hba.conf", ids.uid, ids.gid)
@@ -240,20 +240,5 @@ extension PostgreSQLWriter {
         return made
     }
 
-    /// A TCP port nobody listens on now (the server on the copy only uses it to name its socket).
-    static func freePort() -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return 54321 }
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        address.sin_port = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        return bound ? Int(UInt16(bigEndian: address.sin_port)) : 54321
-    }
 }
 
