@@ -34,7 +34,6 @@ public struct SnapshotCheck: Sendable {
         var result = Result(checkpoint: record.id, ok: false, writers: [], problems: [])
         var mounts: [String: String] = [:]
         var attached: [(clone: String, device: String, mountPoint: String?)] = []
-        defer { }
         do {
             for snapshot in record.snapshots {
                 guard let volume = volumes.first(where: { $0.name == snapshot.volume }), let liveMount = volume.mount else { continue }
