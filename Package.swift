@@ -10,6 +10,9 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        // The receiver daemon's mutual-TLS transport (`quiesce serve`, `quiesce://` targets).
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
         // System libraries, linked from the Debian -dev packages through pkg-config.
@@ -17,6 +20,12 @@ let package = Package(
                        providers: [.apt(["libsqlite3-dev"])]),
         .systemLibrary(name: "CLibPQ", path: "Sources/CLibPQ", pkgConfig: "libpq",
                        providers: [.apt(["libpq-dev"])]),
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd",
+                       providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CXXHash", path: "Sources/CXXHash", pkgConfig: "libxxhash",
+                       providers: [.apt(["libxxhash-dev"])]),
+        .systemLibrary(name: "CLibCrypto", path: "Sources/CLibCrypto", pkgConfig: "libcrypto",
+                       providers: [.apt(["libssl-dev"])]),
         // ioctls Swift cannot call directly (variadic ioctl): FIFREEZE, FITHAW, FICLONE, FIEMAP.
         .target(name: "CQuiesceSys", path: "Sources/CQuiesceSys"),
 
@@ -49,10 +58,23 @@ let package = Package(
         // Snapshot providers.
         .target(name: "ReflinkProvider", dependencies: ["QuiesceCore", "CQuiesceSys"], path: "providers/reflink"),
 
+        // Replication: the delta stream format, reading changed ranges, the DR store and
+        // the send/receive sessions, over any byte pipe (a local receiver, ssh, TLS).
+        .target(name: "QuiesceReplication", dependencies: [
+            "QuiesceCore", "CZstd", "CXXHash", "CLibCrypto", "CQuiesceSys",
+        ], path: "Sources/Replication"),
+        // The mutual-TLS byte pipe between a sender and `quiesce serve` (SwiftNIO, swift-nio-ssl).
+        .target(name: "ReplicationTLS", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ], path: "Sources/ReplicationTLS"),
+
         // Wiring: registry of writer types and providers, the checkpoint service the CLI calls.
         .target(name: "Quiesce", dependencies: [
             "QuiesceCore", "QuiesceConfig", "QuiesceCatalog", "QuiesceGuard",
             "ExecWriter", "SQLiteWriter", "PostgreSQLWriter", "MailboxWriter", "ReflinkProvider",
+            "QuiesceReplication", "ReplicationTLS",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The embedded default world: loop devices, XFS datastore, guest filesystem, demo.
@@ -77,6 +99,8 @@ let package = Package(
         ]),
         .testTarget(name: "IntegrationTests", dependencies: [
             "Quiesce", "QuiesceLab", "QuiesceTestSupport", "QuiesceSQLite", "ReflinkProvider", "QuiesceCatalog",
+            "QuiesceReplication", "ReplicationTLS",
         ]),
+        .testTarget(name: "ReplicationTests", dependencies: ["QuiesceReplication", "QuiesceTestSupport", "ReflinkProvider"]),
     ]
 )

@@ -58,3 +58,7 @@ int quiesce_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path
 int quiesce_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int low) {
     return posix_spawn_file_actions_addclosefrom_np(actions, low);
 }
+
+int quiesce_punch_hole(int fd, uint64_t offset, uint64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}

@@ -43,5 +43,15 @@ extern const uint32_t QUIESCE_FIEMAP_EXTENT_DELALLOC;
 extern const uint32_t QUIESCE_FIEMAP_EXTENT_ENCODED;
 extern const uint32_t QUIESCE_FIEMAP_EXTENT_UNWRITTEN;
 extern const uint32_t QUIESCE_FIEMAP_EXTENT_SHARED;
+/* Flags under which FIEMAP cannot vouch for an extent's address or bytes (change
+   tracking compares such ranges by content). Values from linux/fiemap.h (UAPI, stable). */
+static const uint32_t QUIESCE_FIEMAP_EXTENT_DATA_ENCRYPTED = 0x00000080;
+static const uint32_t QUIESCE_FIEMAP_EXTENT_NOT_ALIGNED = 0x00000100;
+static const uint32_t QUIESCE_FIEMAP_EXTENT_DATA_INLINE = 0x00000200;
+static const uint32_t QUIESCE_FIEMAP_EXTENT_DATA_TAIL = 0x00000400;
+
+/* Deallocate [offset, offset+length) so it reads as zeros, keeping the file size
+   (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE). Returns 0 or -1 with errno. */
+int quiesce_punch_hole(int fd, uint64_t offset, uint64_t length);
 
 #endif

@@ -1,0 +1,137 @@
+import Foundation
+import QuiesceCore
+
+/// Control messages of a session, one JSON object per line. The delta stream itself
+/// travels as raw bytes after `{"op":"stream"}`.
+struct SessionRequest: Codable {
+    var op: String
+    var volume: String?
+    var version: Int?
+}
+
+struct SessionReply: Codable {
+    var ok: Bool
+    var error: String?
+    var checkpoints: [String]?
+    var partial: ApplyProgress?
+    var resume: UInt64?
+    var chain: String?
+    var applied: ReceiveSummary?
+
+    static func failure(_ error: Error) -> SessionReply {
+        SessionReply(ok: false, error: "\(error)")
+    }
+}
+
+/// The receiving side: applies streams to a DR store, from a pipe or in a session.
+public enum Receiver {
+    /// Applies one whole stream (`quiesce send … | quiesce receive`). If an earlier run of
+    /// the same stream was interrupted, frames the store already has are checked against
+    /// its recorded chain and skipped: the apply continues from the receiver's durable progress.
+    public static func receive(from source: ByteSource, into store: DRStore, keep: Int) throws -> ReceiveSummary {
+        let (header, headerBytes) = try DeltaStreamHeader.read(from: source)
+        let applier = try DeltaApplier(store: store, header: header, headerBytes: headerBytes)
+        let decoder = FrameDecoder(header: header)
+        var chain = DigestChain(headerBytes: headerBytes)
+        var sequence: UInt64 = 0
+        while sequence < applier.resumeFrame {
+            switch try decoder.next(from: source, sequence: sequence) {
+            case .data(let frame, _), .zero(let frame): chain.append(frame)
+            case .trailer: throw DeltaStreamError.malformed("the trailer came at frame \(sequence), before frames the store already has")
+            }
+            sequence += 1
+        }
+        guard chain == applier.resumeChain else {
+            applier.discard()
+            throw DeltaStreamError.corrupted("the first \(sequence) frames differ from the ones already applied to \(header.target)")
+        }
+        return try apply(from: source, applier: applier, decoder: decoder, chain: chain, keep: keep)
+    }
+
+    /// Serves one session: answers each `hello` with what the store has, applies each
+    /// stream from where the store's durable progress stands, and reports back, until
+    /// the sender closes. A failed stream ends the session (its bytes cannot be trusted).
+    public static func serve(source: ByteSource, sink: ByteSink, store: DRStore, keep: Int,
+                             log: (String) -> Void = { _ in }) throws {
+        func reply(_ message: SessionReply) throws {
+            var line = [UInt8](try JSONEncoder().encode(message))
+            line.append(UInt8(ascii: "\n"))
+            try sink.write(line)
+        }
+        while let line = try source.readLine() {
+            guard let request = try? JSONDecoder().decode(SessionRequest.self, from: Data(line.utf8)) else {
+                try reply(.failure(DeltaStreamError.malformed("expected a session request, got \(line.prefix(60))")))
+                return
+            }
+            switch request.op {
+            case "hello":
+                guard let volume = request.volume else {
+                    try reply(.failure(DeltaStreamError.malformed("hello without a volume")))
+                    return
+                }
+                do {
+                    try DeltaStreamHeader.validateName(volume, what: "volume name")
+                    try reply(SessionReply(ok: true, checkpoints: store.checkpoints(volume: volume), partial: store.partial(volume: volume)))
+                } catch {
+                    try reply(.failure(error))
+                    return
+                }
+            case "stream":
+                let applier: DeltaApplier
+                let decoder: FrameDecoder
+                do {
+                    let (header, headerBytes) = try DeltaStreamHeader.read(from: source)
+                    applier = try DeltaApplier(store: store, header: header, headerBytes: headerBytes)
+                    decoder = FrameDecoder(header: header)
+                } catch {
+                    log("refused a stream: \(error)")
+                    try reply(.failure(error))
+                    return
+                }
+                try reply(SessionReply(ok: true, resume: applier.resumeFrame, chain: applier.resumeChain.hex))
+                do {
+                    let summary = try apply(from: source, applier: applier, decoder: decoder, chain: applier.resumeChain, keep: keep)
+                    log("applied \(summary.checkpoint) of \(summary.volume): \(summary.frames - summary.resumedAtFrame) frames")
+                    try reply(SessionReply(ok: true, applied: summary))
+                } catch {
+                    log("stream for \(applier.header.target) stopped: \(error)")
+                    try? reply(.failure(error))
+                    return
+                }
+            case "bye":
+                return
+            default:
+                try reply(.failure(DeltaStreamError.malformed("unknown session request \"\(request.op)\"")))
+                return
+            }
+        }
+    }
+
+    /// Applies frames from `applier.resumeFrame` on; on any failure makes what was applied
+    /// durable (so the next run resumes after it) and rethrows.
+    static func apply(from source: ByteSource, applier: DeltaApplier, decoder: FrameDecoder, chain start: DigestChain,
+                      keep: Int) throws -> ReceiveSummary {
+        var chain = start
+        var sequence = applier.resumeFrame
+        do {
+            while true {
+                switch try decoder.next(from: source, sequence: sequence) {
+                case .data(let frame, let bytes):
+                    try applier.write(bytes, at: frame.offset)
+                    chain.append(frame)
+                    try applier.applied(through: sequence, chain: chain)
+                case .zero(let frame):
+                    try applier.zero(frame.offset, length: frame.length)
+                    chain.append(frame)
+                    try applier.applied(through: sequence, chain: chain)
+                case .trailer(_, let trailer):
+                    return try applier.finish(trailer, frames: sequence, chain: chain, keep: keep)
+                }
+                sequence += 1
+            }
+        } catch {
+            try? applier.makeDurable()
+            throw error
+        }
+    }
+}
