@@ -1,6 +1,7 @@
 import QuiesceCatalog
 import QuiesceConfig
 import QuiesceCore
+import QuiesceReplication
 
 /// The exit codes of `quiesce`, documented in docs/operations.md. Cron and runbooks branch on them.
 public enum ExitStatus: Int32, Sendable, CaseIterable {
@@ -17,6 +18,13 @@ public enum ExitStatus: Int32, Sendable, CaseIterable {
     case thawFailed = 6
     /// The freeze guard could not be started; nothing was frozen.
     case guardUnavailable = 7
+    /// Replication: at least one target did not get the checkpoint (the others did; see the report).
+    case replicationFailed = 8
+    /// The DR store could not be read or written (receive, serve).
+    case storeFailed = 9
+    /// A delta stream was refused: malformed, truncated, corrupted, or not applicable to this
+    /// store (wrong base, replayed). The store's checkpoints are untouched (EX_DATAERR).
+    case badStream = 65
     /// Bad command-line usage (unknown name, bad argument).
     case usage = 64
     /// The catalog could not be read or written.
@@ -42,6 +50,13 @@ public enum ExitStatus: Int32, Sendable, CaseIterable {
         case is CheckpointLock.Held: return .locked
         case is CatalogError: return .catalogError
         case is UsageError: return .usage
+        case is ReplicationError: return .replicationFailed
+        case let error as DeltaStreamError:
+            switch error {
+            case .malformed, .unsupportedVersion, .truncated, .corrupted, .rejected: return .badStream
+            case .store: return .storeFailed
+            case .transport, .peer: return .replicationFailed
+            }
         case let error as CoordinatorError:
             return of(CheckpointResult(record: CheckpointRecord(id: "", label: nil, startedAt: .now), error: error, thawErrors: []))
         default: return .failure

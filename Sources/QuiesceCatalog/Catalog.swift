@@ -42,6 +42,16 @@ public struct WriterStatus: Sendable, Codable, Equatable {
 /// Calls block (SQLite, with a busy timeout of a few seconds) and are serialized within
 /// the process; several processes may open the same catalog. One checkpoint at a time is
 /// enforced by `CheckpointLock`, not by the catalog.
+/// A DR target's last acknowledged checkpoint of one volume.
+public struct TargetAcknowledgement: Sendable, Codable, Equatable {
+    public var target: String
+    public var volume: String
+    public var checkpointID: String
+    /// When that checkpoint was taken: the DR copy's data is this old.
+    public var checkpointTime: Date
+    public var acknowledgedAt: Date
+}
+
 public final class Catalog: CheckpointJournal, Sendable {
     /// The database file.
     public let path: String
@@ -363,6 +373,44 @@ public final class Catalog: CheckpointJournal, Sendable {
             try db.query("DELETE FROM checkpoints WHERE seq = ?", [.integer(seq)])
         }
     }
+
+    // MARK: Targets
+
+    /// `target` has applied `checkpointID` of `volume`: record it, hold that checkpoint (the
+    /// base of the target's next delta) and release the one it held before, in one transaction.
+    public func acknowledge(target: String, volume: String, checkpointID: String, at time: Date = Date()) throws {
+        let holder = Self.targetHolder(target: target, volume: volume)
+        try write("record that \(target) acknowledged \(checkpointID) of \(volume)") { db in
+            guard let row = try db.query("SELECT seq, started_at FROM checkpoints WHERE id = ? AND outcome = 'completed'",
+                                         [.text(checkpointID)]).first,
+                  let seq = row[0].int, let started = row[1].int else {
+                throw CatalogError.unknownCheckpoint(path: path, id: checkpointID)
+            }
+            try db.query("DELETE FROM retention_holds WHERE holder = ?", [.text(holder)])
+            try db.query("INSERT INTO retention_holds (checkpoint, holder, held_since) VALUES (?, ?, ?)",
+                         [.integer(seq), .text(holder), .integer(unixMilliseconds(time))])
+            try db.query("""
+                INSERT INTO target_acks (target, volume, checkpoint_id, checkpoint_time, acknowledged_at) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (target, volume) DO UPDATE SET checkpoint_id = excluded.checkpoint_id,
+                    checkpoint_time = excluded.checkpoint_time, acknowledged_at = excluded.acknowledged_at
+                """, [.text(target), .text(volume), .text(checkpointID), .integer(started), .integer(unixMilliseconds(time))])
+        }
+    }
+
+    /// What every target acknowledged last, per volume.
+    public func targetAcknowledgements() throws -> [TargetAcknowledgement] {
+        try read("read target acknowledgements") { db in
+            try db.query("SELECT target, volume, checkpoint_id, checkpoint_time, acknowledged_at FROM target_acks ORDER BY target, volume")
+                .map {
+                    TargetAcknowledgement(target: $0[0].text ?? "", volume: $0[1].text ?? "", checkpointID: $0[2].text ?? "",
+                                          checkpointTime: date(unixMilliseconds: $0[3].int ?? 0),
+                                          acknowledgedAt: date(unixMilliseconds: $0[4].int ?? 0))
+                }
+        }
+    }
+
+    /// The retention holder name of a target's base for one volume.
+    public static func targetHolder(target: String, volume: String) -> String { "target \(target) (\(volume))" }
 
     // MARK: Transactions
 

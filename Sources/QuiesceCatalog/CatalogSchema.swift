@@ -77,6 +77,17 @@ enum CatalogSchema {
         ) WITHOUT ROWID;
         CREATE INDEX retention_holds_by_holder ON retention_holds (holder);
         """,
+        """
+        -- What each DR target has acknowledged, per volume: the base of its next delta.
+        CREATE TABLE target_acks (
+            target          TEXT NOT NULL,
+            volume          TEXT NOT NULL,
+            checkpoint_id   TEXT NOT NULL,
+            checkpoint_time INTEGER NOT NULL,
+            acknowledged_at INTEGER NOT NULL,
+            PRIMARY KEY (target, volume)
+        ) WITHOUT ROWID;
+        """,
     ]
 
     /// Brings the catalog to `version`, or refuses one that is newer or not ours.

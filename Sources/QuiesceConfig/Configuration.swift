@@ -38,6 +38,8 @@ public struct Configuration: Sendable {
     public var holdTimeout: Duration
     /// `[[volume]]`: the snapshot set, in the order written.
     public var volumes: [Volume]
+    /// `[[target]]`: DR destinations, in the order written.
+    public var targets: [ReplicationTarget] = []
 
     public init(file: String, catalog: String = Configuration.defaultCatalog,
                 writersDirectory: String = Configuration.defaultWritersDirectory,
@@ -82,6 +84,13 @@ public struct Configuration: Sendable {
                 volumesLine = entry.line
                 config.volumes = try volumeTables(entry, file: file).map {
                     try readVolume(Section(file: file, table: $0, name: "[[volume]]"))
+                }
+            case "target":
+                config.targets = try arrayOfTables(entry, key: "target", file: file).map {
+                    try ReplicationTarget.read(Section(file: file, table: $0, name: "[[target]]"))
+                }
+                for (k, target) in config.targets.enumerated() where config.targets[..<k].contains(where: { $0.name == target.name }) {
+                    throw ConfigError(file: file, line: entry.line, key: "target", "two targets are named \"\(target.name)\"")
                 }
             default:
                 throw unknownTopLevel(key, entry, file: file)
@@ -130,12 +139,16 @@ public struct Configuration: Sendable {
     static let volumeKeys = ["name", "image", "mount", "provider", "snapshot_dir"]
 
     private static func volumeTables(_ entry: TOMLTable.Entry, file: String) throws -> [TOMLTable] {
+        try arrayOfTables(entry, key: "volume", file: file)
+    }
+
+    private static func arrayOfTables(_ entry: TOMLTable.Entry, key: String, file: String) throws -> [TOMLTable] {
         let wrongShape = { (found: String) in
-            ConfigError(file: file, line: entry.line, key: "volume",
-                        "expected an array of tables written [[volume]], found \(found)")
+            ConfigError(file: file, line: entry.line, key: key,
+                        "expected an array of tables written [[\(key)]], found \(found)")
         }
         switch entry.value {
-        case .table: throw wrongShape("the table [volume] (write [[volume]], with two brackets)")
+        case .table: throw wrongShape("the table [\(key)] (write [[\(key)]], with two brackets)")
         case .array(let items):
             return try items.map {
                 guard case .table(let table) = $0 else { throw wrongShape("\($0.typeName) in the array") }
@@ -212,9 +225,9 @@ public struct Configuration: Sendable {
     }
 
     private static func unknownTopLevel(_ key: String, _ entry: TOMLTable.Entry, file: String) -> ConfigError {
-        let known = ["coordinator", "volume"]
+        let known = ["coordinator", "volume", "target"]
         let what: String
-        var hint = closest(to: key, in: known).map { $0 == "volume" ? " (did you mean [[volume]]?)" : " (did you mean [\($0)]?)" } ?? ""
+        var hint = closest(to: key, in: known).map { $0 == "volume" || $0 == "target" ? " (did you mean [[\($0)]]?)" : " (did you mean [\($0)]?)" } ?? ""
         switch entry.value {
         case .table: what = "unknown table [\(key)]"
         case .array(let items) where !items.isEmpty && items.allSatisfy({ if case .table = $0 { true } else { false } }):
@@ -224,7 +237,7 @@ public struct Configuration: Sendable {
             if coordinatorKeys.contains(key) { hint = " (it belongs in the [coordinator] table)" }
             else if volumeKeys.contains(key) { hint = " (it belongs in a [[volume]] table)" }
         }
-        if hint.isEmpty { hint = " (known tables: [coordinator], [[volume]])" }
+        if hint.isEmpty { hint = " (known tables: [coordinator], [[volume]], [[target]])" }
         return ConfigError(file: file, line: entry.line, key: key, what + hint)
     }
 }
@@ -232,7 +245,7 @@ public struct Configuration: Sendable {
 // MARK: - Typed access to one table of the configuration
 
 /// One table of `quiesce.toml`, read with its lines for errors.
-private struct Section {
+struct Section {
     var file: String
     var table: TOMLTable
     /// `[coordinator]`, `[[volume]]`: how errors about a missing key name the table.

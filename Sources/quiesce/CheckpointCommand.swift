@@ -18,6 +18,9 @@ struct CheckpointCommand: AsyncParsableCommand {
     @Flag(help: "Print the checkpoint record as JSON.")
     var json = false
 
+    @Flag(help: "After the checkpoint, replicate it to every target (exit 8 if a target failed).")
+    var replicate = false
+
     @Option(name: .customLong("metrics-file"), help: ArgumentHelp(
         "Write Prometheus textfile metrics here, atomically (node_exporter's textfile collector).", valueName: "path"))
     var metricsFile: String?
@@ -41,6 +44,11 @@ struct CheckpointCommand: AsyncParsableCommand {
             for error in result.thawErrors { CLI.printError("\(error)") }
             let status = ExitStatus.of(result)
             if status != .completed { throw ExitCode(status.rawValue) }
+            if replicate {
+                let report = try installation.replicate(checkpointID: result.record.id)
+                if !json { try ReplicationReportText.print(report, json: false) }
+                if report.failed { throw ExitCode(ExitStatus.replicationFailed.rawValue) }
+            }
         }
     }
 }

@@ -105,9 +105,54 @@ struct ConfigurationTests {
 
     // MARK: Unknown tables and keys
 
-    @Test func replicationTargetsAreNotConfigurableYet() {
-        expectRefused(oneVolume + "\n[[target]]\nname = \"dr1\"\n", line: 5, key: "target", "unknown table [[target]]")
-        expectRefused("[target]\n" + oneVolume, line: 1, key: "target", "known tables: [coordinator], [[volume]]")
+    @Test func targetsOfEveryTransportAreRead() throws {
+        let config = try Configuration.parse(oneVolume + """
+
+            [[target]]
+            name = "local"
+            url = "file:///mnt/dr-store/"
+            keep = 3
+
+            [[target]]
+            name = "remote"
+            url = "ssh://backup@dr-host:2222/var/lib/quiesce/dr"
+            ssh_options = ["-i", "/etc/quiesce/key"]
+            compress = "zstd"
+            bandwidth_limit = "50MiB/s"
+
+            [[target]]
+            name = "tls"
+            url = "quiesce://dr-host"
+            cert = "/etc/quiesce/c.pem"
+            key = "/etc/quiesce/c.key"
+            ca = "/etc/quiesce/ca.pem"
+            """, file: "quiesce.toml")
+        #expect(config.targets.map(\.name) == ["local", "remote", "tls"])
+        #expect(config.targets[0].transport == .file(path: "/mnt/dr-store"))
+        #expect(config.targets[0].keep == 3)
+        #expect(config.targets[1].transport == .ssh(user: "backup", host: "dr-host", port: 2222, path: "/var/lib/quiesce/dr"))
+        #expect(config.targets[1].compressionLevel == 1)
+        #expect(config.targets[1].bytesPerSecond == 50 << 20)
+        #expect(config.targets[1].sshOptions == ["-i", "/etc/quiesce/key"])
+        #expect(config.targets[2].transport == .tls(host: "dr-host", port: ReplicationTarget.defaultPort))
+        #expect(config.targets[2].tls?.trustedCA == "/etc/quiesce/ca.pem")
+    }
+
+    @Test func badTargetsAreRefusedNamingLineAndKey() {
+        let target = oneVolume + "\n[[target]]\nname = \"dr1\"\n"
+        expectRefused(target, line: 5, key: "url", "missing required key in the [[target]] table")
+        expectRefused(target + "url = \"ftp://x/y\"\n", line: 7, key: "url", "unknown scheme \"ftp\"")
+        expectRefused(target + "url = \"file://relative\"\n", line: 7, key: "url", "needs an absolute path")
+        expectRefused(target + "url = \"ssh://host\"\n", line: 7, key: "url", "the store's absolute path on the host")
+        expectRefused(target + "url = \"quiesce://host:7420\"\n", line: 5, key: "cert", "missing required key")
+        expectRefused(target + "url = \"file:///d\"\ncert = \"/c.pem\"\n", line: 8, key: "cert", "only for quiesce:// targets")
+        expectRefused(target + "url = \"file:///d\"\ncompress = \"gzip\"\n", line: 8, key: "compress", "expected \"zstd\" or \"none\"")
+        expectRefused(target + "url = \"file:///d\"\nbandwidth_limit = \"fast\"\n", line: 8, key: "bandwidth_limit", "a rate like")
+        expectRefused(target + "url = \"file:///d\"\nkeep = 0\n", line: 8, key: "keep", "at least 1")
+        expectRefused(target + "url = \"file:///d\"\nurll = 1\n", line: 8, key: "urll", "did you mean \"url\"?")
+        expectRefused(target + "url = \"file:///d\"\n" + "[[target]]\nname = \"dr1\"\nurl = \"file:///e\"\n", line: 5, key: "target",
+                      "two targets are named \"dr1\"")
+        expectRefused("[target]\n" + oneVolume, line: 1, key: "target", "write [[target]], with two brackets")
     }
 
     @Test func misspelledTableSuggestsTheRightOne() {

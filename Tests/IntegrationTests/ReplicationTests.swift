@@ -1,0 +1,309 @@
+import Foundation
+import Quiesce
+import QuiesceCore
+import QuiesceLab
+import QuiesceReplication
+import QuiesceTestSupport
+import Testing
+
+/// Replication as an operator runs it: checkpoints of a live guest filesystem on an XFS
+/// datastore, shipped to DR stores on a second XFS filesystem, checked byte for byte.
+@Suite(.enabled(if: TestEnvironment.canBuildWorlds || TestEnvironment.isCI), .serialized)
+struct ReplicationTests {
+    @Test func everyCheckpointArrivesByteIdenticalAtAFileAndAnSSHTargetReadingOnlyWhatChanged() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 256 << 20)) { world in
+            try await SSHServer.with { server in
+                let site = try TestSite(world)
+                let dr = try await mountDRFilesystem(world)
+                try site.addTargets("""
+                    [[target]]
+                    name = "local"
+                    url = "file://\(dr)/local"
+
+                    [[target]]
+                    name = "remote"
+                    url = "ssh://root@127.0.0.1\(dr)/remote"
+                    ssh_options = [\(server.clientOptions.map { "\"\($0)\"" }.joined(separator: ", "))]
+                    remote_command = "\(try Executables.requireQuiesce())"
+                    compress = "zstd"
+                    """)
+                var previousSnapshot: String?
+                for round in 1...3 {
+                    // Churn: new files and rewrites inside existing ones.
+                    let written = try churn(world, round: round)
+                    let checkpoint = try await site.runCLI(["checkpoint"])
+                    #expect(checkpoint.status == 0, "\(checkpoint.stderr)")
+                    let result = try await site.runCLI(["replicate", "--json"])
+                    #expect(result.status == 0, "replicate: \(result.stderr)")
+                    let report = try decodeReport(result.stdout)
+                    let id = try #require(try site.installation().listCheckpoints(limit: 1).first?.id)
+                    let snapshot = "\(world.volume.snapshotDirectory)/\(id).img"
+                    #expect(report.outcomes.map(\.status) == [.applied, .applied])
+                    for outcome in report.outcomes {
+                        #expect(outcome.checkpoint == id)
+                        #expect(outcome.base == (round == 1 ? nil : previousSnapshot.map { ($0 as NSString).lastPathComponent.replacingOccurrences(of: ".img", with: "") }))
+                    }
+                    let primary = try fileDigest(snapshot)
+                    #expect(try fileDigest("\(dr)/local/vm1/\(id).img") == primary, "round \(round): local copy differs")
+                    #expect(try fileDigest("\(dr)/remote/vm1/\(id).img") == primary, "round \(round): remote copy differs")
+                    let read = report.outcomes[0].bytesRead
+                    if round == 1 {
+                        // Full stream: allocated data only, far less than the sparse image.
+                        #expect(read < world.options.imageSize / 2, "full stream read \(read) bytes")
+                    } else {
+                        // A delta reads what changed (XFS copy-on-write may round up, ext4 adds its
+                        // metadata and journal), never the whole image.
+                        #expect(read >= written, "read \(read) bytes for \(written) written")
+                        #expect(read < written * 4 + (16 << 20), "read \(read) bytes for \(written) written")
+                    }
+                    // One read for both targets: both took the same delta.
+                    #expect(report.outcomes[0].bytesRead == report.outcomes[1].bytesRead)
+                    previousSnapshot = snapshot
+                }
+                let status = try await site.runCLI(["targets", "status", "--json"])
+                #expect(status.status == 0, "\(status.stderr)")
+                #expect(status.stdout.contains("\"lagSeconds\""))
+                #expect(status.stdout.contains("\"pending\" : false"))
+
+                // An unreachable target: the other still gets the checkpoint, exit 8, and the
+                // unreachable one's base is kept through a prune.
+                server.stop()
+                let heldBase = try #require(try site.installation().listCheckpoints(limit: 1).first?.id)
+                _ = try churn(world, round: 4)
+                #expect(try await site.runCLI(["checkpoint"]).status == 0)
+                let partial = try await site.runCLI(["replicate", "--json"])
+                #expect(partial.status == 8, "\(partial.stderr)")
+                let outcomes = try decodeReport(partial.stdout).outcomes
+                #expect(outcomes.first { $0.target == "local" }?.status == .applied)
+                #expect(outcomes.first { $0.target == "remote" }?.status == .failed)
+                #expect(partial.stderr.contains("target remote"))
+                let prune = try await site.runCLI(["checkpoints", "prune", "--keep", "1"])
+                #expect(prune.status == 0, "\(prune.stderr)")
+                let left = try site.installation().listCheckpoints(limit: nil).map(\.id)
+                #expect(left.count == 2 && left.contains(heldBase), "kept \(left)")
+                #expect(FileManager.default.fileExists(atPath: "\(world.volume.snapshotDirectory)/\(heldBase).img"))
+            }
+        }
+    }
+
+    @Test func killedSenderLeavesThePreviousCheckpointAndTheNextRunResumesWhereTheReceiverStopped() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 256 << 20)) { world in
+            let site = try TestSite(world)
+            let dr = try await mountDRFilesystem(world)
+            let store = "\(dr)/store"
+            try site.addTargets("""
+                [[target]]
+                name = "dr"
+                url = "file://\(store)"
+                bandwidth_limit = "8MiB/s"
+                """)
+            _ = try churn(world, round: 1)
+            #expect(try await site.runCLI(["checkpoint"]).status == 0)
+            #expect(try await site.runCLI(["replicate"]).status == 0)
+            let first = try #require(DRStore(root: store, create: false).latest(volume: "vm1"))
+
+            try randomFile(world.guest + "/bulk", bytes: 48 << 20)
+            world.syncGuestsIgnoringErrors()
+            #expect(try await site.runCLI(["checkpoint"]).status == 0)
+            let sender = try site.startCLI(["replicate"])
+            // Kill it once the receiver has made some of the stream durable.
+            let drStore = try DRStore(root: store, create: false)
+            let progressed = await eventually(within: .seconds(60), every: .milliseconds(50)) {
+                (drStore.partial(volume: "vm1")?.frames ?? 0) >= 2
+            }
+            #expect(progressed, "the receiver recorded no progress")
+            sender.signal(SIGKILL)
+            _ = sender.wait()
+            // The receiver notices the end of its input and records what it applied.
+            #expect(await eventually(within: .seconds(20)) { !receiverRunning(store) })
+            #expect(drStore.latest(volume: "vm1") == first, "the store moved on from \(first) without a whole checkpoint")
+            let firstSnapshot = "\(world.volume.snapshotDirectory)/\(first).img"
+            #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: first)) == fileDigest(firstSnapshot))
+            let resumeAt = try #require(drStore.partial(volume: "vm1")?.frames)
+
+            let again = try await site.runCLI(["replicate", "--json"])
+            #expect(again.status == 0, "\(again.stderr)")
+            let outcome = try #require(try decodeReport(again.stdout).outcomes.first)
+            #expect(outcome.status == .applied)
+            #expect(outcome.resumedAtFrame >= resumeAt && resumeAt > 0, "resumed at \(outcome.resumedAtFrame), receiver had \(resumeAt)")
+            let id = try #require(outcome.checkpoint)
+            #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: id))
+                    == fileDigest("\(world.volume.snapshotDirectory)/\(id).img"))
+        }
+    }
+
+    @Test func pipedStreamsForTheWrongBaseOrAlreadyAppliedAreRefusedWithExit65() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 128 << 20)) { world in
+            let site = try TestSite(world)
+            let dr = try await mountDRFilesystem(world)
+            let store = "\(dr)/piped"
+            var ids: [String] = []
+            for round in 1...3 {
+                _ = try churn(world, round: round)
+                #expect(try await site.runCLI(["checkpoint"]).status == 0)
+                ids.append(try #require(try site.installation().listCheckpoints(limit: 1).first?.id))
+            }
+            let quiesce = try Executables.requireQuiesce()
+            func pipe(_ send: String, _ extra: String = "") async throws -> CommandResult {
+                try await ChildProcess.run("/bin/bash", ["-c", "set -o pipefail; \(quiesce) send --config \(site.config) --volume vm1 \(send) \(extra) | \(quiesce) receive --store \(store)"])
+            }
+            #expect(try await pipe("--checkpoint \(ids[0])").status == 0)
+            // A delta from a checkpoint the store does not have.
+            let wrongBase = try await pipe("--checkpoint \(ids[2]) --base \(ids[1])")
+            #expect(wrongBase.status == 65, "\(wrongBase.stderr)")
+            #expect(wrongBase.stderr.contains(ids[1]) && wrongBase.stderr.contains("does not have"))
+            #expect(try await pipe("--checkpoint \(ids[1]) --base \(ids[0])", "--compress zstd").status == 0)
+            // The first stream again: an old stream replayed.
+            let replay = try await pipe("--checkpoint \(ids[0])")
+            #expect(replay.status == 65)
+            #expect(replay.stderr.contains("nothing changed"))
+            let drStore = try DRStore(root: store, create: false)
+            #expect(drStore.checkpoints(volume: "vm1") == [ids[0], ids[1]])
+            #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: ids[1]))
+                    == fileDigest("\(world.volume.snapshotDirectory)/\(ids[1]).img"))
+        }
+    }
+
+    @Test func tlsTargetReceivesTheCheckpointAndASenderWithAForeignCertificateIsRefused() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 128 << 20)) { world in
+            let site = try TestSite(world)
+            let dr = try await mountDRFilesystem(world)
+            let certificates = try TestCertificates.make(in: try world.makeDirectory("tls"))
+            let port = LoopbackPort.free(fallback: 47420)
+            let store = "\(dr)/served"
+            let server = try ChildProcess(try Executables.requireQuiesce(), [
+                "serve", "--listen", "127.0.0.1:\(port)", "--store", store,
+                "--cert", certificates.serverCert, "--key", certificates.serverKey, "--client-ca", certificates.ca,
+            ], stdin: .null, stdout: .null, stderr: .null)
+            do {
+                try await replicateOverTLS(site, world: world, certificates: certificates, port: port, store: store)
+            } catch {
+                server.signal(SIGKILL)
+                _ = server.wait()
+                throw error
+            }
+            server.signal(SIGTERM)
+            _ = server.wait()
+        }
+    }
+
+    private func replicateOverTLS(_ site: TestSite, world: TestWorld, certificates: TestCertificates, port: Int,
+                                  store: String) async throws {
+            #expect(await eventually(within: .seconds(20)) { SSHServer.accepts(port: port) }, "quiesce serve did not listen")
+            try site.addTargets("""
+                [[target]]
+                name = "trusted"
+                url = "quiesce://127.0.0.1:\(port)"
+                cert = "\(certificates.clientCert)"
+                key = "\(certificates.clientKey)"
+                ca = "\(certificates.ca)"
+                compress = "zstd"
+
+                [[target]]
+                name = "impostor"
+                url = "quiesce://127.0.0.1:\(port)"
+                cert = "\(certificates.rogueClientCert)"
+                key = "\(certificates.rogueClientKey)"
+                ca = "\(certificates.ca)"
+                """)
+            _ = try churn(world, round: 1)
+            #expect(try await site.runCLI(["checkpoint"]).status == 0)
+            let id = try #require(try site.installation().listCheckpoints(limit: 1).first?.id)
+
+            let impostor = try await site.runCLI(["replicate", "--target", "impostor"])
+            #expect(impostor.status == 8, "\(impostor.stderr)")
+            #expect(impostor.stderr.contains("target impostor"))
+            #expect(!FileManager.default.fileExists(atPath: "\(store)/vm1"), "the impostor reached the store")
+
+            let trusted = try await site.runCLI(["replicate", "--target", "trusted", "--json"])
+            #expect(trusted.status == 0, "\(trusted.stderr)")
+            #expect(try decodeReport(trusted.stdout).outcomes.map(\.status) == [.applied])
+            #expect(try fileDigest("\(store)/vm1/\(id).img") == fileDigest("\(world.volume.snapshotDirectory)/\(id).img"))
+            let status = try await site.runCLI(["targets", "status", "--json"])
+            #expect(status.stdout.contains(id))
+    }
+}
+
+// MARK: - Helpers
+
+/// A second XFS (reflink) filesystem for the DR side, in its own loop device under the world.
+func mountDRFilesystem(_ world: TestWorld) async throws -> String {
+    let file = world.path("dr.xfs")
+    try SparseFile.create(file, size: 1 << 30)
+    let device = try await world.attach(file)
+    try await Filesystems.makeXFS(device)
+    let mountPoint = try world.makeDirectory("dr")
+    try await world.mount(device, at: mountPoint)
+    return mountPoint
+}
+
+extension TestSite {
+    func addTargets(_ toml: String) throws {
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: config))
+        try handle.seekToEnd()
+        try handle.write(contentsOf: Data(("\n" + toml + "\n").utf8))
+        try handle.close()
+    }
+}
+
+extension TestWorld {
+    func syncGuestsIgnoringErrors() { try? syncGuests() }
+}
+
+/// Writes new files and rewrites parts of older ones; returns the bytes written.
+func churn(_ world: TestWorld, round: Int) throws -> UInt64 {
+    var written: UInt64 = 0
+    try randomFile("\(world.guest)/file-\(round)", bytes: 4 << 20)
+    written += 4 << 20
+    if round > 1 {
+        let fd = open("\(world.guest)/file-1", O_WRONLY)
+        defer { close(fd) }
+        for block in stride(from: 0, to: 1024, by: 97) {
+            let bytes = (0..<4096).map { _ in UInt8.random(in: 0...255) }
+            _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, 4096, off_t(block * 4096)) }
+            written += 4096
+        }
+    }
+    try world.syncGuests()
+    return written
+}
+
+func randomFile(_ path: String, bytes count: Int) throws {
+    var bytes = [UInt8](repeating: 0, count: count)
+    var generator = SystemRandomNumberGenerator()
+    for index in stride(from: 0, to: count, by: 8) {
+        let value = generator.next()
+        withUnsafeBytes(of: value) { bytes.replaceSubrange(index..<min(index + 8, count), with: $0.prefix(count - index)) }
+    }
+    try Data(bytes).write(to: URL(fileURLWithPath: path))
+}
+
+/// SHA-256 of a whole file, streamed.
+func fileDigest(_ path: String) throws -> String {
+    let fd = open(path, O_RDONLY)
+    guard fd >= 0 else { throw POSIXFailure("open \(path)", errno) }
+    defer { close(fd) }
+    var digest = SHA256Digest()
+    var buffer = [UInt8](repeating: 0, count: 4 << 20)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard n >= 0 else { throw POSIXFailure("read \(path)", errno) }
+        if n == 0 { break }
+        buffer.withUnsafeBytes { digest.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+    }
+    return digest.finish().map { String(format: "%02x", $0) }.joined()
+}
+
+func decodeReport(_ json: String) throws -> ReplicationReport {
+    try JSONDecoder().decode(ReplicationReport.self, from: Data(json.utf8))
+}
+
+/// Whether a `quiesce receive` for this store is still running.
+func receiverRunning(_ store: String) -> Bool {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.contains { pid in
+        guard pid.allSatisfy(\.isNumber), let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+        let words = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        return words.contains("receive") && words.contains(store)
+    }
+}
