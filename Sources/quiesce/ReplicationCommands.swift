@@ -149,7 +149,10 @@ struct ServeCommand: AsyncParsableCommand {
             let store = try storeOptions.open()
             let keep = storeOptions.keep
             let server = try TLSPipeServer.start(host: host, port: port,
-                                                 identity: TLSIdentity(certificate: cert, privateKey: key, trustedCA: clientCA)) { fd, peer in
+                                                 identity: TLSIdentity(certificate: cert, privateKey: key, trustedCA: clientCA),
+                                                 onRefused: { peer, reason in
+                                                     FileHandle.standardError.write(Data("quiesce serve: refused \(peer): \(reason)\n".utf8))
+                                                 }) { fd, peer in
                 let stream = FileDescriptorStream(fd: fd, what: peer)
                 defer { close(fd) }
                 do {
