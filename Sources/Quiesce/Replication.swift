@@ -57,6 +57,28 @@ public struct TargetStatus: Sendable, Codable {
     }
 }
 
+/// What a scrub found for one target and volume.
+public struct ScrubOutcome: Sendable, Codable {
+    public enum Status: String, Sendable, Codable {
+        /// Every block of the DR copy matches the primary's snapshot.
+        case identical
+        /// Some blocks differ: the DR copy is damaged (`differingOffsets`).
+        case differs
+        /// The scrub could not run (target unreachable, nothing replicated, snapshot gone).
+        case failed
+    }
+    public var target: String
+    public var volume: String
+    public var checkpoint: String?
+    public var status: Status
+    public var error: String?
+    public var blockSize: Int
+    public var bytesCompared: UInt64 = 0
+    /// Offsets of the first differing blocks (at most 20) and how many differ in all.
+    public var differingOffsets: [UInt64] = []
+    public var differingBlocks: Int = 0
+}
+
 /// A replication run failed before reaching any target (bad target name, no checkpoint).
 public struct ReplicationError: Error, Sendable, CustomStringConvertible {
     public var description: String
@@ -67,7 +89,9 @@ extension Installation {
     /// Ships each volume's newest completed checkpoint (or `checkpointID`) to every target
     /// (or those named), each from the base that target says it has. A delta is read once
     /// for all targets that share its base. Targets that fail are reported; the others go on.
-    public func replicate(targets names: [String]? = nil, checkpointID: String? = nil) throws -> ReplicationReport {
+    /// `full` sends whole streams even where a base exists: a new, independent DR copy
+    /// (after a scrub found a damaged one).
+    public func replicate(targets names: [String]? = nil, checkpointID: String? = nil, full: Bool = false) throws -> ReplicationReport {
         signal(SIGPIPE, SIG_IGN)
         let targets = try selectTargets(names)
         let catalog = try openCatalog()
@@ -76,13 +100,13 @@ extension Installation {
             guard let record = try checkpointToSend(catalog, volume: volume.name, checkpointID: checkpointID) else {
                 throw ReplicationError("volume \(volume.name) has no completed checkpoint to replicate; run `quiesce checkpoint` first")
             }
-            outcomes += try replicate(volume: volume, record: record, targets: targets, catalog: catalog)
+            outcomes += try replicate(volume: volume, record: record, targets: targets, catalog: catalog, full: full)
         }
         return ReplicationReport(outcomes: outcomes)
     }
 
     private func replicate(volume: Volume, record: CheckpointRecord, targets: [ReplicationTarget],
-                           catalog: Catalog) throws -> [TargetOutcome] {
+                           catalog: Catalog, full: Bool) throws -> [TargetOutcome] {
         guard let snapshot = record.snapshots.first(where: { $0.volume == volume.name }) else {
             throw ReplicationError("checkpoint \(record.id) has no snapshot of volume \(volume.name)")
         }
@@ -112,7 +136,8 @@ extension Installation {
                     outcomes.append(outcome)
                     continue
                 }
-                lanes.append((try usableBase(catalog, volume: volume.name, receiverHas: state.checkpoints), target, session))
+                let base = full ? nil : try usableBase(catalog, volume: volume.name, receiverHas: state.checkpoints)
+                lanes.append((base, target, session))
             } catch {
                 outcome.error = "\(error)"
                 logger.error("target \(target.name): \(error)")
@@ -190,6 +215,51 @@ extension Installation {
         let report = try DeltaSender.send(plan, to: [PipeDestination(name: "stdout", sink: sink, compressionLevel: compressionLevel)])
         if let error = report.destinations.first?.error { throw ReplicationError(error) }
         return report
+    }
+
+    /// Compares every block of each target's newest copy of each volume with the primary's
+    /// snapshot of the same checkpoint: both sides hash their own image at once and only
+    /// the hashes travel. Reads both images whole (a scrub, not a routine step).
+    public func scrub(targets names: [String]? = nil, blockSize: Int = BlockHashes.defaultBlockSize) throws -> [ScrubOutcome] {
+        signal(SIGPIPE, SIG_IGN)
+        let targets = try selectTargets(names)
+        let catalog = try openCatalog()
+        var outcomes: [ScrubOutcome] = []
+        for target in targets {
+            for volume in configuration.volumes {
+                var outcome = ScrubOutcome(target: target.name, volume: volume.name, status: .failed, blockSize: blockSize)
+                do {
+                    let session = try openSession(target)
+                    defer { session.close() }
+                    guard let latest = try session.hello(volume: volume.name).latest else {
+                        throw ReplicationError("target \(target.name) has no checkpoint of volume \(volume.name) yet")
+                    }
+                    outcome.checkpoint = latest
+                    guard let record = try catalog.checkpoint(id: latest),
+                          let snapshot = record.snapshots.first(where: { $0.volume == volume.name }),
+                          FileManager.default.fileExists(atPath: snapshot.path) else {
+                        throw ReplicationError("checkpoint \(latest) (the target's newest of \(volume.name)) is no longer on the primary; replicate a newer one first")
+                    }
+                    try session.requestScrub(volume: volume.name, checkpoint: latest, blockSize: blockSize)
+                    let ours = try BlockHashes.compute(snapshot.path, blockSize: blockSize)
+                    let theirs = try session.scrubResult()
+                    let differing = (0..<max(ours.count, theirs.count)).filter { index in
+                        index >= ours.count || index >= theirs.count || ours[index] != theirs[index]
+                    }
+                    outcome.bytesCompared = snapshot.sizeBytes
+                    outcome.differingBlocks = differing.count
+                    outcome.differingOffsets = differing.prefix(20).map { UInt64($0) * UInt64(blockSize) }
+                    outcome.status = differing.isEmpty ? .identical : .differs
+                    if !differing.isEmpty {
+                        outcome.error = "\(differing.count) block(s) of \(blockSize) bytes differ from the primary's snapshot of \(latest), the first at offset \(outcome.differingOffsets[0]); take a checkpoint and run `quiesce replicate --full --target \(target.name)` for a clean copy"
+                    }
+                } catch {
+                    outcome.error = "\(error)"
+                }
+                outcomes.append(outcome)
+            }
+        }
+        return outcomes
     }
 
     /// Every configured target with what it acknowledged last, per volume, and its lag.

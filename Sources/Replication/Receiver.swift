@@ -7,6 +7,8 @@ struct SessionRequest: Codable {
     var op: String
     var volume: String?
     var version: Int?
+    var checkpoint: String?
+    var blockSize: Int?
 }
 
 struct SessionReply: Codable {
@@ -17,6 +19,8 @@ struct SessionReply: Codable {
     var resume: UInt64?
     var chain: String?
     var applied: ReceiveSummary?
+    /// Block hashes of a checkpoint image (scrub), hex, concatenated.
+    var hashes: String?
 
     static func failure(_ error: Error) -> SessionReply {
         SessionReply(ok: false, error: "\(error)")
@@ -96,6 +100,25 @@ public enum Receiver {
                 } catch {
                     log("stream for \(applier.header.target) stopped: \(error)")
                     try? reply(.failure(error))
+                    return
+                }
+            case "scrub":
+                // Hash the stored image so the sender can compare it with its snapshot.
+                guard let volume = request.volume, let checkpoint = request.checkpoint,
+                      let blockSize = request.blockSize, (4096...(64 << 20)).contains(blockSize) else {
+                    try reply(.failure(DeltaStreamError.malformed("scrub needs a volume, a checkpoint and a block size of 4 KiB…64 MiB")))
+                    return
+                }
+                do {
+                    try DeltaStreamHeader.validateName(volume, what: "volume name")
+                    try DeltaStreamHeader.validateName(checkpoint, what: "checkpoint id")
+                    guard store.checkpoints(volume: volume).contains(checkpoint) else {
+                        throw DeltaStreamError.rejected("the store has no checkpoint \(checkpoint) of volume \(volume)")
+                    }
+                    let hashes = try BlockHashes.compute(store.imagePath(volume: volume, checkpoint: checkpoint), blockSize: blockSize)
+                    try reply(SessionReply(ok: true, hashes: BlockHashes.encode(hashes)))
+                } catch {
+                    try reply(.failure(error))
                     return
                 }
             case "bye":

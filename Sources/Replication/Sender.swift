@@ -98,6 +98,20 @@ public final class ReceiverSession: FrameDestination {
         return applied
     }
 
+    /// Asks the receiver to hash its copy of `checkpoint`; read the answer with `scrubResult`
+    /// (hash the local snapshot in between: both sides read at once).
+    public func requestScrub(volume: String, checkpoint: String, blockSize: Int) throws {
+        try request(SessionRequest(op: "scrub", volume: volume, checkpoint: checkpoint, blockSize: blockSize))
+    }
+
+    public func scrubResult() throws -> [Checksum128] {
+        let reply = try readReply("the scrub", lineLimit: 512 << 20)
+        guard let text = reply.hashes, let hashes = BlockHashes.decode(text) else {
+            throw DeltaStreamError.malformed("\(name) answered the scrub without valid block hashes")
+        }
+        return hashes
+    }
+
     /// Ends the session politely, then closes the pipe.
     public func close() {
         try? request(SessionRequest(op: "bye"))
@@ -110,8 +124,8 @@ public final class ReceiverSession: FrameDestination {
         try sink.write(line)
     }
 
-    private func readReply(_ what: String) throws -> SessionReply {
-        guard let line = try source.readLine() else {
+    private func readReply(_ what: String, lineLimit: Int = 1 << 20) throws -> SessionReply {
+        guard let line = try source.readLine(limit: lineLimit) else {
             let said = diagnostics()
             throw DeltaStreamError.transport("\(name) closed the connection while answering \(what)" + (said.isEmpty ? "" : ": \(said)"))
         }

@@ -184,12 +184,15 @@ struct ReplicateCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Replicate this checkpoint instead of the newest.", valueName: "id"))
     var checkpoint: String?
 
+    @Flag(help: "Send whole streams, not deltas: a fresh DR copy (after `targets scrub` found a damaged one).")
+    var full = false
+
     @Flag(help: "Print the report as JSON.")
     var json = false
 
     func run() async throws {
         try await CLI.run {
-            let report = try options.installation().replicate(targets: target, checkpointID: checkpoint)
+            let report = try options.installation().replicate(targets: target, checkpointID: checkpoint, full: full)
             try ReplicationReportText.print(report, json: json)
             if report.failed { throw ExitCode(ExitStatus.replicationFailed.rawValue) }
         }
@@ -200,8 +203,39 @@ struct TargetsCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "targets",
         abstract: "Show DR targets.",
-        subcommands: [Status.self]
+        subcommands: [Status.self, Scrub.self]
     )
+
+    struct Scrub: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Compare each target's newest DR copy with the primary's snapshot, block by block.",
+            discussion: "Both sides hash their own image (XXH3-128 per block) at the same time; only the hashes travel. Reads both images whole. Exit 8 if a copy differs or a target could not be scrubbed.")
+
+        @OptionGroup var options: ConfigOptions
+
+        @Option(help: ArgumentHelp("Only this target (repeatable).", valueName: "name"))
+        var target: [String] = []
+
+        @Flag(help: "Print as JSON.")
+        var json = false
+
+        func run() async throws {
+            try await CLI.run {
+                let outcomes = try options.installation().scrub(targets: target)
+                if json {
+                    try CLI.printJSON(outcomes)
+                } else {
+                    for outcome in outcomes {
+                        print("target \(outcome.target) volume \(outcome.volume): \(outcome.status.rawValue)"
+                              + (outcome.checkpoint.map { " \($0)" } ?? "")
+                              + (outcome.status == .identical ? " (\(ReplicationReportText.bytes(outcome.bytesCompared)) compared)" : ""))
+                        if let error = outcome.error { CLI.printError("target \(outcome.target): \(error)") }
+                    }
+                }
+                if outcomes.contains(where: { $0.status != .identical }) { throw ExitCode(ExitStatus.replicationFailed.rawValue) }
+            }
+        }
+    }
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

@@ -129,6 +129,21 @@ struct ReplicationTests {
             let id = try #require(outcome.checkpoint)
             #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: id))
                     == fileDigest("\(world.volume.snapshotDirectory)/\(id).img"))
+
+            // A scrub finds the copy whole; after damage it names the block; a full
+            // replication of a new checkpoint gives a clean copy again.
+            #expect(try await site.runCLI(["targets", "scrub"]).status == 0)
+            let damaged = open(drStore.imagePath(volume: "vm1", checkpoint: id), O_WRONLY)
+            _ = pwrite(damaged, [UInt8(0xff), 0xee], 2, 3 << 20 + 17)
+            close(damaged)
+            let scrub = try await site.runCLI(["targets", "scrub"])
+            #expect(scrub.status == 8)
+            #expect(scrub.stderr.contains("differ") && scrub.stderr.contains("offset \(3 << 20)"), "\(scrub.stderr)")
+            #expect(try await site.runCLI(["checkpoint"]).status == 0)
+            let full = try await site.runCLI(["replicate", "--full", "--json"])
+            #expect(full.status == 0, "\(full.stderr)")
+            #expect(try decodeReport(full.stdout).outcomes.first?.base == nil)
+            #expect(try await site.runCLI(["targets", "scrub"]).status == 0)
         }
     }
 
