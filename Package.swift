@@ -78,19 +78,26 @@ let package = Package(
             "QuiesceReplication", "ReplicationTLS",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Loop devices, mounts, filesystems and system tools, for the lab and the DR side.
+        .target(name: "QuiesceSystem", dependencies: ["QuiesceCore"]),
+        // The DR side: verify a received checkpoint, DR tests, failover.
+        .target(name: "QuiesceDR", dependencies: [
+            "Quiesce", "QuiesceCore", "QuiesceConfig", "QuiesceReplication", "QuiesceSystem", "CQuiesceSys",
+            .product(name: "Logging", package: "swift-log"),
+        ], path: "Sources/DR"),
         // The embedded default world: loop devices, XFS datastore, guest filesystem, demo.
         .target(name: "QuiesceLab", dependencies: [
-            "Quiesce", "QuiesceCore", "QuiesceSQLite",
+            "Quiesce", "QuiesceCore", "QuiesceSQLite", "QuiesceSystem", "QuiesceDR",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "quiesce", dependencies: [
-            "Quiesce", "QuiesceLab", "QuiesceGuard",
+            "Quiesce", "QuiesceLab", "QuiesceGuard", "QuiesceDR", "QuiesceSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
 
         // Tests.
-        .target(name: "QuiesceTestSupport", dependencies: ["Quiesce", "QuiesceLab", "QuiesceCore"],
+        .target(name: "QuiesceTestSupport", dependencies: ["Quiesce", "QuiesceLab", "QuiesceCore", "QuiesceSystem"],
                 path: "Tests/QuiesceTestSupport"),
         .testTarget(name: "QuiesceCoreTests", dependencies: ["QuiesceCore", "QuiesceTestSupport", "Quiesce"]),
         .testTarget(name: "QuiesceConfigTests", dependencies: ["QuiesceConfig", "Quiesce", "QuiesceTestSupport"]),
@@ -100,7 +107,7 @@ let package = Package(
         ]),
         .testTarget(name: "IntegrationTests", dependencies: [
             "Quiesce", "QuiesceLab", "QuiesceTestSupport", "QuiesceSQLite", "ReflinkProvider", "QuiesceCatalog",
-            "QuiesceReplication", "ReplicationTLS",
+            "QuiesceReplication", "ReplicationTLS", "QuiesceSystem", "QuiesceDR",
         ]),
         .testTarget(name: "ReplicationTests", dependencies: ["QuiesceReplication", "QuiesceTestSupport", "ReflinkProvider"]),
     ]

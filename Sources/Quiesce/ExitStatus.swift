@@ -22,6 +22,9 @@ public enum ExitStatus: Int32, Sendable, CaseIterable {
     case replicationFailed = 8
     /// The DR store could not be read or written (receive, serve).
     case storeFailed = 9
+    /// A DR copy did not start cleanly: a writer's verify failed (dr verify, receive --verify,
+    /// failover prepare when a target did not verify).
+    case verifyFailed = 10
     /// A delta stream was refused: malformed, truncated, corrupted, or not applicable to this
     /// store (wrong base, replayed). The store's checkpoints are untouched (EX_DATAERR).
     case badStream = 65

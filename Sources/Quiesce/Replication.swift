@@ -29,6 +29,9 @@ public struct TargetOutcome: Sendable, Codable {
     /// Bytes read from the snapshots for this delta (shared by the targets that took it).
     public var bytesRead: UInt64 = 0
     public var seconds: Double = 0
+    /// The receiver's verification of the copy; nil when it does not verify.
+    public var verified: Bool?
+    public var verifyFailures: [String]?
 }
 
 public struct ReplicationReport: Sendable, Codable {
@@ -47,6 +50,9 @@ public struct TargetStatus: Sendable, Codable {
         public var lagSeconds: Double?
         /// A newer completed checkpoint is waiting to be replicated.
         public var pending: Bool
+        /// Whether the target verified its copy of `checkpoint` (nil: it does not verify).
+        public var verified: Bool?
+        public var verifyFailures: [String]
     }
     public var name: String
     public var url: String
@@ -152,7 +158,8 @@ extension Installation {
             let baseImage = base?.snapshots.first { $0.volume == volume.name }?.path
             do {
                 let plan = DeltaPlan(volume: volume.name, targetImage: snapshot.path, baseImage: baseImage, base: base?.id,
-                                     manifest: record, ranges: try changedRanges(volume, base: baseImage, target: snapshot.path))
+                                     manifest: record, environment: checkpointEnvironment(),
+                                     ranges: try changedRanges(volume, base: baseImage, target: snapshot.path))
                 let report = try DeltaSender.send(plan, to: members.map(\.session))
                 for (member, sent) in zip(members, report.destinations) {
                     var outcome = TargetOutcome(target: member.target.name, volume: volume.name, checkpoint: record.id,
@@ -160,9 +167,12 @@ extension Installation {
                                                 resumedAtFrame: sent.resumedAtFrame, bytesSent: sent.bytesSent,
                                                 changedBytes: report.dataBytes + report.zeroBytes, bytesRead: report.bytesRead,
                                                 seconds: report.seconds)
+                    outcome.verified = sent.applied?.verification?.ok
+                    outcome.verifyFailures = sent.applied?.verification?.failures
                     if sent.error == nil {
                         do {
-                            try catalog.acknowledge(target: member.target.name, volume: volume.name, checkpointID: record.id)
+                            try catalog.acknowledge(target: member.target.name, volume: volume.name, checkpointID: record.id,
+                                                    verified: outcome.verified, failures: outcome.verifyFailures ?? [])
                         } catch {
                             outcome.status = .failed
                             outcome.error = "applied at the target, but recording it failed: \(error)"
@@ -211,7 +221,7 @@ extension Installation {
         let ranges = fullCompare ? DeltaReader.fullCompareRanges(size: snapshot.sizeBytes)
             : try changedRanges(volume, base: baseImage, target: snapshot.path)
         let plan = DeltaPlan(volume: name, targetImage: snapshot.path, baseImage: baseImage, base: baseID, manifest: record,
-                             ranges: ranges)
+                             environment: checkpointEnvironment(), ranges: ranges)
         let report = try DeltaSender.send(plan, to: [PipeDestination(name: "stdout", sink: sink, compressionLevel: compressionLevel)])
         if let error = report.destinations.first?.error { throw ReplicationError(error) }
         return report
@@ -273,12 +283,23 @@ extension Installation {
                 let ack = acks.first { $0.target == target.name && $0.volume == volume.name }
                 return .init(volume: volume.name, checkpoint: ack?.checkpointID, checkpointTime: ack?.checkpointTime,
                              acknowledgedAt: ack?.acknowledgedAt, lagSeconds: ack.map { now.timeIntervalSince($0.checkpointTime) },
-                             pending: latest[volume.name].map { $0 != ack?.checkpointID } ?? false)
+                             pending: latest[volume.name].map { $0 != ack?.checkpointID } ?? false,
+                             verified: ack?.verified, verifyFailures: ack?.verifyFailures ?? [])
             })
         }
     }
 
     // MARK: Pieces
+
+    /// The volumes and the registered writers' drop-ins, for the DR side.
+    func checkpointEnvironment() -> CheckpointEnvironment {
+        let writers = registry().entries.compactMap { entry -> CheckpointEnvironment.WriterSpecText? in
+            guard let name = entry.name, entry.error == nil,
+                  let text = try? String(contentsOfFile: entry.file, encoding: .utf8) else { return nil }
+            return .init(name: name, text: text)
+        }
+        return CheckpointEnvironment(volumes: configuration.volumes, writers: writers)
+    }
 
     private func selectTargets(_ names: [String]?) throws -> [ReplicationTarget] {
         guard !configuration.targets.isEmpty else {
@@ -330,7 +351,7 @@ extension Installation {
     /// A session with the target's receiver, over its transport.
     func openSession(_ target: ReplicationTarget) throws -> ReceiverSession {
         let name = "target \(target.name)"
-        let keep = ["--keep", String(target.keep)]
+        let keep = ["--keep", String(target.keep)] + (target.verify ? ["--verify"] : [])
         switch target.transport {
         case .file(let path):
             return try ReceiverConnection.spawn(name: name, executable: guardExecutable,

@@ -50,6 +50,9 @@ public struct TargetAcknowledgement: Sendable, Codable, Equatable {
     /// When that checkpoint was taken: the DR copy's data is this old.
     public var checkpointTime: Date
     public var acknowledgedAt: Date
+    /// Whether the target verified that checkpoint on receipt; nil if it does not verify.
+    public var verified: Bool?
+    public var verifyFailures: [String]
 }
 
 public final class Catalog: CheckpointJournal, Sendable {
@@ -378,7 +381,10 @@ public final class Catalog: CheckpointJournal, Sendable {
 
     /// `target` has applied `checkpointID` of `volume`: record it, hold that checkpoint (the
     /// base of the target's next delta) and release the one it held before, in one transaction.
-    public func acknowledge(target: String, volume: String, checkpointID: String, at time: Date = Date()) throws {
+    /// `verified`: the receiver's verification of the copy (nil when it did not verify);
+    /// `failures` its reasons when it failed.
+    public func acknowledge(target: String, volume: String, checkpointID: String, verified: Bool? = nil,
+                            failures: [String] = [], at time: Date = Date()) throws {
         let holder = Self.targetHolder(target: target, volume: volume)
         try write("record that \(target) acknowledged \(checkpointID) of \(volume)") { db in
             guard let row = try db.query("SELECT seq, started_at FROM checkpoints WHERE id = ? AND outcome = 'completed'",
@@ -390,21 +396,29 @@ public final class Catalog: CheckpointJournal, Sendable {
             try db.query("INSERT INTO retention_holds (checkpoint, holder, held_since) VALUES (?, ?, ?)",
                          [.integer(seq), .text(holder), .integer(unixMilliseconds(time))])
             try db.query("""
-                INSERT INTO target_acks (target, volume, checkpoint_id, checkpoint_time, acknowledged_at) VALUES (?, ?, ?, ?, ?)
+                INSERT INTO target_acks (target, volume, checkpoint_id, checkpoint_time, acknowledged_at, verified, verify_failures)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (target, volume) DO UPDATE SET checkpoint_id = excluded.checkpoint_id,
-                    checkpoint_time = excluded.checkpoint_time, acknowledged_at = excluded.acknowledged_at
-                """, [.text(target), .text(volume), .text(checkpointID), .integer(started), .integer(unixMilliseconds(time))])
+                    checkpoint_time = excluded.checkpoint_time, acknowledged_at = excluded.acknowledged_at,
+                    verified = excluded.verified, verify_failures = excluded.verify_failures
+                """, [.text(target), .text(volume), .text(checkpointID), .integer(started), .integer(unixMilliseconds(time)),
+                      verified.map { .integer($0 ? 1 : 0) } ?? .null,
+                      failures.isEmpty ? .null : .text(failures.joined(separator: "\n"))])
         }
     }
 
     /// What every target acknowledged last, per volume.
     public func targetAcknowledgements() throws -> [TargetAcknowledgement] {
         try read("read target acknowledgements") { db in
-            try db.query("SELECT target, volume, checkpoint_id, checkpoint_time, acknowledged_at FROM target_acks ORDER BY target, volume")
-                .map {
+            try db.query("""
+                SELECT target, volume, checkpoint_id, checkpoint_time, acknowledged_at, verified, verify_failures
+                FROM target_acks ORDER BY target, volume
+                """).map {
                     TargetAcknowledgement(target: $0[0].text ?? "", volume: $0[1].text ?? "", checkpointID: $0[2].text ?? "",
                                           checkpointTime: date(unixMilliseconds: $0[3].int ?? 0),
-                                          acknowledgedAt: date(unixMilliseconds: $0[4].int ?? 0))
+                                          acknowledgedAt: date(unixMilliseconds: $0[4].int ?? 0),
+                                          verified: $0[5].int.map { $0 != 0 },
+                                          verifyFailures: $0[6].text.map { $0.split(separator: "\n").map(String.init) } ?? [])
                 }
         }
     }

@@ -88,6 +88,11 @@ enum CatalogSchema {
             PRIMARY KEY (target, volume)
         ) WITHOUT ROWID;
         """,
+        """
+        -- Whether the target's receiver verified the acknowledged checkpoint (NULL: it did not try).
+        ALTER TABLE target_acks ADD COLUMN verified INTEGER;
+        ALTER TABLE target_acks ADD COLUMN verify_failures TEXT;
+        """,
     ]
 
     /// Brings the catalog to `version`, or refuses one that is newer or not ours.

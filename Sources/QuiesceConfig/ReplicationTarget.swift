@@ -42,6 +42,9 @@ public struct ReplicationTarget: Sendable, Equatable {
     /// The quiesce executable on the ssh host.
     public var remoteCommand: String
     public var tls: TLSFiles?
+    /// The receiver verifies each checkpoint it applies (`receive --verify`); for `quiesce://`
+    /// targets the server decides (`serve --verify`).
+    public var verify = false
 
     public static let defaultKeep = 7
     public static let defaultPort = 7420
@@ -61,7 +64,7 @@ public struct ReplicationTarget: Sendable, Equatable {
     }
 
     static let keys = ["name", "url", "compress", "compress_level", "bandwidth_limit", "keep", "ssh_options", "remote_command",
-                       "cert", "key", "ca", "server_name"]
+                       "cert", "key", "ca", "server_name", "verify"]
 
     static func read(_ section: Section) throws -> ReplicationTarget {
         try section.refuseUnknownKeys(keys)
@@ -91,6 +94,12 @@ public struct ReplicationTarget: Sendable, Equatable {
         if let keep = try section.integer("keep") {
             guard keep >= 1 else { throw section.error("keep", "must be at least 1 (the DR copy itself), found \(keep)") }
             target.keep = Int(keep)
+        }
+        if let verify = try section.boolean("verify") {
+            if case .tls = transport {
+                throw section.error("verify", "a quiesce:// target verifies when its server runs `quiesce serve --verify`")
+            }
+            target.verify = verify
         }
         if let options = try section.stringArray("ssh_options") {
             guard case .ssh = transport else { throw section.error("ssh_options", "only for ssh:// targets") }
@@ -159,6 +168,12 @@ public func parseRate(_ text: String) -> UInt64? {
 }
 
 extension Section {
+    func boolean(_ key: String) throws -> Bool? {
+        guard let entry = table[key] else { return nil }
+        guard case .boolean(let value) = entry.value else { throw error(key, "expected true or false, found \(entry.value.typeName)") }
+        return value
+    }
+
     func integer(_ key: String) throws -> Int64? {
         guard let entry = table[key] else { return nil }
         guard case .integer(let value) = entry.value else { throw error(key, "expected an integer, found \(entry.value.typeName)") }

@@ -53,6 +53,11 @@ public struct WriterDirectory: Sendable {
         try readSpec(file: file)
     }
 
+    /// A drop-in's text from elsewhere (a DR manifest); `origin` names it in errors.
+    public static func parseSpec(text: String, origin: String) throws -> WriterSpec {
+        try parseSpec(text: text, file: origin)
+    }
+
     static func readSpec(file: String) throws(ConfigError) -> WriterSpec {
         let text: String
         do {

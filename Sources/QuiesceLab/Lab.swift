@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import QuiesceCore
+import QuiesceSystem
 
 /// The embedded default: a whole quiesce world on one machine, from loop devices.
 /// `up` builds it idempotently, `down` removes exactly what it built (also after a crash

@@ -143,6 +143,8 @@ public struct StoredCheckpoint: Codable, Sendable, Equatable {
     public var zeroBytes: UInt64
     /// The primary's checkpoint record: writers, markers, recovery metadata, timings.
     public var record: CheckpointRecord
+    /// Volumes and writer drop-ins, to verify and start the copy here.
+    public var environment: CheckpointEnvironment?
 
     static var encoder: JSONEncoder {
         let encoder = JSONEncoder()
@@ -180,9 +182,9 @@ public struct ApplyProgress: Codable, Sendable, Equatable {
 /// Small helpers for files that must survive a crash.
 enum Durable {
     /// Writes `bytes` to a temporary sibling, fsyncs it, renames it over `path`, fsyncs the directory.
-    static func write(_ bytes: [UInt8], to path: String) throws {
+    static func write(_ bytes: [UInt8], to path: String, mode: mode_t = 0o644) throws {
         let temporary = path + ".tmp"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
         guard fd >= 0 else { throw DeltaStreamError.store("cannot write \(temporary): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var done = 0

@@ -15,6 +15,19 @@ public struct ReceiveSummary: Codable, Sendable, Equatable {
     public var seconds: Double
     /// Checkpoints the store's retention removed after this one landed.
     public var pruned: [String]
+    /// The receiver's verification of the copy (`--verify`), nil when it did not verify.
+    public var verification: VerificationOutcome?
+}
+
+/// Whether the applications of a received checkpoint started cleanly on a copy.
+public struct VerificationOutcome: Codable, Sendable, Equatable {
+    public var ok: Bool
+    /// One line per failure, naming the writer and the reason.
+    public var failures: [String]
+    public init(ok: Bool, failures: [String]) {
+        self.ok = ok
+        self.failures = failures
+    }
 }
 
 /// Applies one stream to a DR store atomically: onto a reflink clone of its base
@@ -180,10 +193,10 @@ final class DeltaApplier {
         let stored = StoredCheckpoint(volume: header.volume, checkpoint: header.target, base: header.base,
                                       imageSize: header.imageSize, receivedAt: Date(), digest: trailer.digest,
                                       frames: frames, dataBytes: trailer.dataBytes, zeroBytes: trailer.zeroBytes,
-                                      record: trailer.manifest)
+                                      record: trailer.manifest, environment: trailer.environment)
         let volume = header.volume
         try Durable.write([UInt8](try StoredCheckpoint.encoder.encode(stored)),
-                          to: store.manifestPath(volume: volume, checkpoint: header.target))
+                          to: store.manifestPath(volume: volume, checkpoint: header.target), mode: 0o600)
         let finalPath = store.imagePath(volume: volume, checkpoint: header.target)
         guard rename(partialPath, finalPath) == 0 else {
             throw DeltaStreamError.store("rename \(partialPath) → \(finalPath): \(String(cString: strerror(errno)))")

@@ -178,13 +178,39 @@ public struct DeltaTrailer: Codable, Sendable, Equatable {
     /// The chain value after the last frame, hex.
     public var digest: String
     public var manifest: CheckpointRecord
+    /// What the DR side needs to check and start the copy: the volumes (with their guest
+    /// mount points on the primary) and each writer's drop-in, as written.
+    public var environment: CheckpointEnvironment?
 
-    public init(frames: UInt64, dataBytes: UInt64, zeroBytes: UInt64, digest: String, manifest: CheckpointRecord) {
+    public init(frames: UInt64, dataBytes: UInt64, zeroBytes: UInt64, digest: String, manifest: CheckpointRecord,
+                environment: CheckpointEnvironment? = nil) {
         self.frames = frames
         self.dataBytes = dataBytes
         self.zeroBytes = zeroBytes
         self.digest = digest
         self.manifest = manifest
+        self.environment = environment
+    }
+}
+
+/// The primary's setup that a checkpoint's writers need to be verified or started on a
+/// copy elsewhere: where each volume's guest filesystem was mounted (writers' paths are
+/// under those mounts) and each writer's drop-in text (no secrets: specs refuse them).
+public struct CheckpointEnvironment: Codable, Sendable, Equatable {
+    public struct WriterSpecText: Codable, Sendable, Equatable {
+        public var name: String
+        public var text: String
+        public init(name: String, text: String) {
+            self.name = name
+            self.text = text
+        }
+    }
+    public var volumes: [Volume]
+    public var writers: [WriterSpecText]
+
+    public init(volumes: [Volume], writers: [WriterSpecText]) {
+        self.volumes = volumes
+        self.writers = writers
     }
 }
 

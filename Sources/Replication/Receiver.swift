@@ -32,7 +32,9 @@ public enum Receiver {
     /// Applies one whole stream (`quiesce send … | quiesce receive`). If an earlier run of
     /// the same stream was interrupted, frames the store already has are checked against
     /// its recorded chain and skipped: the apply continues from the receiver's durable progress.
-    public static func receive(from source: ByteSource, into store: DRStore, keep: Int) throws -> ReceiveSummary {
+    /// `verify` runs after a checkpoint landed (the DR side's `--verify`).
+    public static func receive(from source: ByteSource, into store: DRStore, keep: Int,
+                               verify: ((ReceiveSummary) -> VerificationOutcome)? = nil) throws -> ReceiveSummary {
         let (header, headerBytes) = try DeltaStreamHeader.read(from: source)
         let applier = try DeltaApplier(store: store, header: header, headerBytes: headerBytes)
         let decoder = FrameDecoder(header: header)
@@ -49,13 +51,16 @@ public enum Receiver {
             applier.discard()
             throw DeltaStreamError.corrupted("the first \(sequence) frames differ from the ones already applied to \(header.target)")
         }
-        return try apply(from: source, applier: applier, decoder: decoder, chain: chain, keep: keep)
+        var summary = try apply(from: source, applier: applier, decoder: decoder, chain: chain, keep: keep)
+        summary.verification = verify?(summary)
+        return summary
     }
 
     /// Serves one session: answers each `hello` with what the store has, applies each
     /// stream from where the store's durable progress stands, and reports back, until
     /// the sender closes. A failed stream ends the session (its bytes cannot be trusted).
     public static func serve(source: ByteSource, sink: ByteSink, store: DRStore, keep: Int,
+                             verify: ((ReceiveSummary) -> VerificationOutcome)? = nil,
                              log: (String) -> Void = { _ in }) throws {
         func reply(_ message: SessionReply) throws {
             var line = [UInt8](try JSONEncoder().encode(message))
@@ -94,8 +99,9 @@ public enum Receiver {
                 }
                 try reply(SessionReply(ok: true, resume: applier.resumeFrame, chain: applier.resumeChain.hex))
                 do {
-                    let summary = try apply(from: source, applier: applier, decoder: decoder, chain: applier.resumeChain, keep: keep)
+                    var summary = try apply(from: source, applier: applier, decoder: decoder, chain: applier.resumeChain, keep: keep)
                     log("applied \(summary.checkpoint) of \(summary.volume): \(summary.frames - summary.resumedAtFrame) frames")
+                    summary.verification = verify?(summary)
                     try reply(SessionReply(ok: true, applied: summary))
                 } catch {
                     log("stream for \(applier.header.target) stopped: \(error)")

@@ -144,11 +144,14 @@ public struct DeltaPlan: Sendable {
     public var baseImage: String?
     public var base: String?
     public var manifest: CheckpointRecord
+    public var environment: CheckpointEnvironment?
     public var ranges: [ChangedRange]
     public var frameBytes: Int
 
     public init(volume: String, targetImage: String, baseImage: String?, base: String?, manifest: CheckpointRecord,
+                environment: CheckpointEnvironment? = nil,
                 ranges: [ChangedRange], frameBytes: Int = DeltaStreamHeader.defaultFrameBytes) {
+        self.environment = environment
         self.volume = volume
         self.targetImage = targetImage
         self.baseImage = baseImage
@@ -252,7 +255,7 @@ public enum DeltaSender {
         for lane in lanes where lane.error == nil {
             do {
                 let trailer = DeltaTrailer(frames: sequence, dataBytes: dataBytes, zeroBytes: zeroBytes,
-                                           digest: lane.chain.hex, manifest: plan.manifest)
+                                           digest: lane.chain.hex, manifest: plan.manifest, environment: plan.environment)
                 lane.applied = try lane.destination.end(try plainEncoder.trailer(trailer, sequence: sequence))
             } catch {
                 lane.error = "\(error)"

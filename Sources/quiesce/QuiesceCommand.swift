@@ -9,11 +9,12 @@ struct QuiesceCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quiesce",
         abstract: "Application-consistent snapshots of VM disk images, replicated to DR.",
-        discussion: "Exit codes: see `docs/operations.md` (0 completed, 3 writer failed, 4 writer timed out, 5 provider failed, 6 thaw failed, 7 guard unavailable, 8 replication failed, 9 DR store failed, 64 usage, 65 bad delta stream, 74 catalog, 75 another run holds the lock, 78 bad configuration).",
+        discussion: "Exit codes: see `docs/operations.md` (0 completed, 3 writer failed, 4 writer timed out, 5 provider failed, 6 thaw failed, 7 guard unavailable, 8 replication failed, 9 DR store failed, 10 DR copy failed verification, 64 usage, 65 bad delta stream, 74 catalog, 75 another run holds the lock, 78 bad configuration).",
         version: "0.1.0",
         subcommands: [
             CheckpointCommand.self, WritersCommand.self, CheckpointsCommand.self,
             ReplicateCommand.self, TargetsCommand.self, SendCommand.self, ReceiveCommand.self, ServeCommand.self,
+            DRCommand.self,
             LabCommand.self,
             GuardCommand.self, LabWorkloadCommand.self,
         ]

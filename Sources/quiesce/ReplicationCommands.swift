@@ -2,6 +2,8 @@ import ArgumentParser
 import Foundation
 import Quiesce
 import QuiesceConfig
+import QuiesceCore
+import QuiesceDR
 import QuiesceReplication
 import ReplicationTLS
 
@@ -71,6 +73,15 @@ struct StoreOptions: ParsableArguments {
     @Option(help: "Checkpoints to keep per volume in the store (older ones are removed once a newer one is complete).")
     var keep: Int = ReplicationTarget.defaultKeep
 
+    @Flag(help: "After each applied checkpoint, verify it as `quiesce dr verify` does and report the result to the sender.")
+    var verify = false
+
+    /// The `--verify` hook, or nil.
+    func verifier(_ store: DRStore, log: @escaping @Sendable (String) -> Void) -> ((ReceiveSummary) -> VerificationOutcome)? {
+        guard verify else { return nil }
+        return { DRVerifier(store: store).verifyBlocking($0, log: log) }
+    }
+
     func open() throws -> DRStore {
         guard keep >= 1 else { throw UsageError("--keep must be at least 1, found \(keep)") }
         guard store.hasPrefix("/") else { throw UsageError("--store must be an absolute path, found \"\(store)\"") }
@@ -98,19 +109,31 @@ struct ReceiveCommand: AsyncParsableCommand {
         try await CLI.run {
             CLI.bootstrapLogging(verbose: false)
             let store = try storeOptions.open()
-            let input = FileDescriptorStream(fd: STDIN_FILENO, what: "stdin")
-            if session {
-                let output = FileDescriptorStream(fd: STDOUT_FILENO, what: "stdout")
-                try Receiver.serve(source: input, sink: output, store: store, keep: storeOptions.keep) { message in
-                    FileHandle.standardError.write(Data("quiesce receive: \(message)\n".utf8))
-                }
-                return
+            let storeOptions = self.storeOptions, session = self.session
+            let log: @Sendable (String) -> Void = { message in
+                FileHandle.standardError.write(Data("quiesce receive: \(message)\n".utf8))
             }
-            let summary = try Receiver.receive(from: input, into: store, keep: storeOptions.keep)
+            // On a thread of its own: the apply blocks on disk I/O and --verify waits for the writers.
+            let summary = try await runBlocking { () throws -> ReceiveSummary? in
+                let input = FileDescriptorStream(fd: STDIN_FILENO, what: "stdin")
+                if session {
+                    let output = FileDescriptorStream(fd: STDOUT_FILENO, what: "stdout")
+                    try Receiver.serve(source: input, sink: output, store: store, keep: storeOptions.keep,
+                                       verify: storeOptions.verifier(store, log: log), log: log)
+                    return nil
+                }
+                return try Receiver.receive(from: input, into: store, keep: storeOptions.keep,
+                                            verify: storeOptions.verifier(store, log: log))
+            }
+            guard let summary else { return }
             if json {
                 try CLI.printJSON(summary)
             } else {
                 print(ReplicationReportText.received(summary))
+            }
+            if let verification = summary.verification, !verification.ok {
+                for failure in verification.failures { CLI.printError(failure) }
+                throw ExitCode(ExitStatus.verifyFailed.rawValue)
             }
         }
     }
@@ -148,6 +171,8 @@ struct ServeCommand: AsyncParsableCommand {
             let host = String(listen[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
             let store = try storeOptions.open()
             let keep = storeOptions.keep
+            let storeOptions = self.storeOptions
+            let verifier = { @Sendable (store: DRStore, log: @escaping @Sendable (String) -> Void) in storeOptions.verifier(store, log: log) }
             let server = try TLSPipeServer.start(host: host, port: port,
                                                  identity: TLSIdentity(certificate: cert, privateKey: key, trustedCA: clientCA),
                                                  onRefused: { peer, reason in
@@ -156,9 +181,11 @@ struct ServeCommand: AsyncParsableCommand {
                 let stream = FileDescriptorStream(fd: fd, what: peer)
                 defer { close(fd) }
                 do {
-                    try Receiver.serve(source: stream, sink: stream, store: store, keep: keep) { message in
+                    let log: @Sendable (String) -> Void = { message in
                         FileHandle.standardError.write(Data("quiesce serve: \(peer): \(message)\n".utf8))
                     }
+                    try Receiver.serve(source: stream, sink: stream, store: store, keep: keep,
+                                       verify: verifier(store, log), log: log)
                 } catch {
                     FileHandle.standardError.write(Data("quiesce serve: \(peer): \(error)\n".utf8))
                 }
@@ -255,7 +282,12 @@ struct TargetsCommand: AsyncParsableCommand {
                     print("target \(status.name) \(status.url)")
                     for volume in status.volumes {
                         let lag = volume.lagSeconds.map { String(format: "lag %.0f s", $0) } ?? "never replicated"
-                        print("  \(volume.volume): \(volume.checkpoint ?? "-")  \(lag)\(volume.pending ? ", newer checkpoint pending" : "")")
+                        let verified = switch volume.verified {
+                        case true?: ", verified"
+                        case false?: ", VERIFICATION FAILED: " + volume.verifyFailures.joined(separator: "; ")
+                        case nil: volume.checkpoint == nil ? "" : ", not verified"
+                        }
+                        print("  \(volume.volume): \(volume.checkpoint ?? "-")  \(lag)\(volume.pending ? ", newer checkpoint pending" : "")\(verified)")
                     }
                 }
             }
@@ -274,6 +306,7 @@ enum ReplicationReportText {
                 line += String(format: ", %@ changed, %@ sent, %.2f s", bytes(outcome.changedBytes), bytes(outcome.bytesSent), outcome.seconds)
                 if outcome.resumedAtFrame > 0 { line += ", resumed at frame \(outcome.resumedAtFrame)" }
                 line += ")"
+                if let verified = outcome.verified { line += verified ? ", verified" : ", VERIFICATION FAILED" }
             }
             Swift.print(line)
             if let error = outcome.error { CLI.printError("target \(outcome.target): \(error)") }
@@ -284,6 +317,7 @@ enum ReplicationReportText {
         var line = "received \(s.checkpoint) of \(s.volume)" + (s.base.map { " (delta from \($0))" } ?? " (full)")
         line += String(format: ": %llu frames, %@ data, %@ zeroed, %.2f s", s.frames, bytes(s.dataBytes), bytes(s.zeroBytes), s.seconds)
         if s.resumedAtFrame > 0 { line += ", resumed at frame \(s.resumedAtFrame)" }
+        if let verification = s.verification { line += verification.ok ? "; verified" : "; VERIFICATION FAILED" }
         if !s.pruned.isEmpty { line += "; pruned \(s.pruned.joined(separator: ", "))" }
         return line
     }

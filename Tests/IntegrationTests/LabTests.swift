@@ -1,5 +1,6 @@
 import Foundation
 import QuiesceCore
+import QuiesceSystem
 import QuiesceLab
 import QuiesceSQLite
 import QuiesceTestSupport

@@ -1,6 +1,7 @@
 import Foundation
 import Quiesce
 import QuiesceCore
+import QuiesceSystem
 import QuiesceLab
 import QuiesceReplication
 import QuiesceTestSupport

@@ -1,4 +1,5 @@
 import Foundation
+import QuiesceSystem
 import QuiesceLab
 
 /// What the machine running the tests can do, so that tests which need root, loop

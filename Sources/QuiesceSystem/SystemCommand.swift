@@ -30,12 +30,12 @@ public struct SystemCommandError: Error, Sendable, CustomStringConvertible {
 }
 
 /// Runs system tools for the lab and the tests.
-enum SystemCommand {
+public enum SystemCommand {
     /// Where administration tools live even when PATH (sudo, cron) leaves them out.
-    static let fallbackDirectories = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+    public static let fallbackDirectories = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
 
     /// The absolute path of `tool`, from PATH then the sbin directories; nil if absent.
-    static func locate(_ tool: String) -> String? {
+    public static func locate(_ tool: String) -> String? {
         if tool.contains("/") { return access(tool, X_OK) == 0 ? tool : nil }
         let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
         let directories = path.split(separator: ":").map(String.init) + fallbackDirectories
@@ -44,7 +44,7 @@ enum SystemCommand {
 
     /// Runs `tool arguments…` to completion; throws `SystemCommandError` unless it exits 0.
     @discardableResult
-    static func run(_ tool: String, _ arguments: [String], timeout: Duration, hint: String? = nil) async throws -> CommandResult {
+    public static func run(_ tool: String, _ arguments: [String], timeout: Duration, hint: String? = nil) async throws -> CommandResult {
         guard let executable = locate(tool) else {
             throw SystemCommandError(command: [tool] + arguments, status: 127, stderr: "\(tool): command not found",
                                      hint: hint ?? "install the package that provides \(tool) (util-linux, xfsprogs, e2fsprogs, btrfs-progs)")
@@ -67,14 +67,14 @@ enum SystemCommand {
 
     /// Waits `duration` even if the task is cancelled: teardown paths retry through
     /// this and must not turn into a busy loop when a test is cancelled.
-    static func pause(_ duration: Duration) async {
+    public static func pause(_ duration: Duration) async {
         let nanoseconds = Int(duration.milliseconds * 1_000_000)
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(nanoseconds)) { continuation.resume() }
         }
     }
 
-    static func quote(_ word: String) -> String {
+    public static func quote(_ word: String) -> String {
         let plain = word.allSatisfy { $0.isLetter || $0.isNumber || "-_./=,:@%+".contains($0) }
         return plain && !word.isEmpty ? word : "'" + word.replacingOccurrences(of: "'", with: "'\\''") + "'"
     }

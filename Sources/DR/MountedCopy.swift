@@ -1,0 +1,103 @@
+import Foundation
+import CQuiesceSys
+import QuiesceCore
+import QuiesceSystem
+
+/// Writable reflink clones of a checkpoint's images, attached to loop devices and mounted
+/// in a private directory (0711: applications' own users, like postgres, can reach their
+/// files below it, nobody can list it) on the store's filesystem. The checkpoints themselves are
+/// never touched: whatever runs on the copy writes to the clones, and `release` discards them.
+public struct MountedCopy: Codable, Sendable, Equatable {
+    public struct Volume: Codable, Sendable, Equatable {
+        public var name: String
+        public var clone: String
+        public var device: String?
+        public var mountPoint: String?
+        /// Where the volume's guest filesystem is mounted on the primary.
+        public var liveMount: String?
+    }
+
+    public var directory: String
+    public var volumes: [Volume]
+
+    /// Live mount point on the primary → the copy's mount point here.
+    public var layout: CopyLayout {
+        var mounts: [String: String] = [:]
+        for volume in volumes {
+            if let live = volume.liveMount, let mountPoint = volume.mountPoint { mounts[live] = mountPoint }
+        }
+        return CopyLayout(mounts: mounts)
+    }
+
+    /// Clones each image into `directory` (created 0711; it must be on the images' filesystem),
+    /// attaches and mounts the clones. On failure releases what it made and rethrows.
+    public static func make(_ images: [(volume: String, image: String, liveMount: String?)], in directory: String) async throws -> MountedCopy {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        chmod((directory as NSString).deletingLastPathComponent, 0o711)
+        chmod(directory, 0o711)
+        var copy = MountedCopy(directory: directory, volumes: [])
+        do {
+            for item in images {
+                let clone = "\(directory)/\(item.volume).img"
+                try cloneFile(item.image, to: clone)
+                copy.volumes.append(Volume(name: item.volume, clone: clone, device: nil, mountPoint: nil, liveMount: item.liveMount))
+                let device = try await LoopDevice.attach(file: clone)
+                copy.volumes[copy.volumes.count - 1].device = device
+                let mountPoint = "\(directory)/\(item.volume)"
+                try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+                try await mountCopy(device, at: mountPoint)
+                copy.volumes[copy.volumes.count - 1].mountPoint = mountPoint
+            }
+        } catch {
+            _ = await copy.release()
+            throw error
+        }
+        return copy
+    }
+
+    /// Unmounts, detaches and deletes the clones and the directory; returns what went wrong.
+    public func release() async -> [String] {
+        var problems: [String] = []
+        for volume in volumes.reversed() {
+            if let mountPoint = volume.mountPoint, Mounts.isMounted(mountPoint) {
+                do { try await Mounts.unmount(mountPoint) } catch { problems.append("\(error)") }
+            }
+            if let device = volume.device {
+                do { try await LoopDevice.detach(device) } catch { problems.append("\(error)") }
+            }
+        }
+        if problems.isEmpty {
+            try? FileManager.default.removeItem(atPath: directory)
+        }
+        return problems
+    }
+
+    static func cloneFile(_ source: String, to destination: String) throws {
+        let input = open(source, O_RDONLY | O_CLOEXEC)
+        guard input >= 0 else { throw DRError("cannot open \(source): \(String(cString: strerror(errno)))") }
+        defer { close(input) }
+        let output = open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard output >= 0 else { throw DRError("cannot create \(destination): \(String(cString: strerror(errno)))") }
+        defer { close(output) }
+        guard quiesce_ficlone(output, input) == 0 else {
+            let reason = String(cString: strerror(errno))
+            unlink(destination)
+            throw DRError("cannot reflink-clone \(source) (\(reason)); the DR store must be on XFS (reflink=1) or btrfs")
+        }
+    }
+
+    /// XFS refuses a second mount of a filesystem with the same UUID (the clone of a
+    /// checkpoint whose original is mounted too) unless told `nouuid`.
+    static func mountCopy(_ device: String, at mountPoint: String) async throws {
+        let probe = try? await ChildProcess.run("blkid", ["-o", "value", "-s", "TYPE", device], timeout: .seconds(10))
+        let type = probe?.stdout.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+        try await Mounts.mount(device: device, at: mountPoint, type: type.isEmpty ? nil : type,
+                               options: type == "xfs" ? ["nouuid"] : nil)
+    }
+}
+
+/// Errors of the DR side: what failed and the fix.
+public struct DRError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
