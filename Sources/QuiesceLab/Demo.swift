@@ -2,9 +2,12 @@ import Foundation
 import Logging
 import Quiesce
 import QuiesceCore
+import QuiesceDR
+import QuiesceReplication
 
 /// `quiesce lab demo`: a live write workload against every application in the guest,
-/// several checkpoints while it runs, and a check of what each snapshot holds.
+/// several checkpoints while it runs, each replicated to the lab's DR store, and a check
+/// that every checkpoint that reached the DR store starts cleanly there.
 public struct Demo: Sendable {
     public var lab: Lab
     /// The `quiesce` executable: the guard and the workload processes are started from it.
@@ -21,7 +24,11 @@ public struct Demo: Sendable {
 
     public struct CheckpointLine: Sendable, Codable {
         public var record: CheckpointRecord
+        /// How the DR copy of this checkpoint verified: each writer's application started on a
+        /// clone of what the DR store received, checked against the marker recorded at freeze.
         public var check: SnapshotCheck.Result?
+        /// What replication did for each target.
+        public var replication: [TargetOutcome]?
         public var error: String?
     }
 
@@ -48,8 +55,17 @@ public struct Demo: Sendable {
             try await Task.sleep(for: interval)
             for n in 1...checkpoints {
                 let result = try await installation.checkpoint(label: "lab-demo-\(n)")
-                lines.append(CheckpointLine(record: result.record, check: nil,
-                                            error: result.error.map { "\($0)" } ?? result.thawErrors.first.map { "\($0)" }))
+                var line = CheckpointLine(record: result.record, check: nil,
+                                          error: result.error.map { "\($0)" } ?? result.thawErrors.first.map { "\($0)" })
+                if result.record.outcome == .completed {
+                    let id = result.record.id
+                    do {
+                        line.replication = try await runBlocking { try installation.replicate(checkpointID: id).outcomes }
+                    } catch {
+                        line.error = "replication: \(error)"
+                    }
+                }
+                lines.append(line)
                 if n < checkpoints { try await Task.sleep(for: interval) }
             }
         } catch {
@@ -60,14 +76,28 @@ public struct Demo: Sendable {
             summaries[workload.name] = await workload.stop().trimmingCharacters(in: .whitespacesAndNewlines)
         }
 
-        // Check every completed snapshot against the markers recorded at its freeze.
-        let check = SnapshotCheck(scratchDirectory: lab.layout.scratch, logger: logger)
-        let writers = installation.registry().writers
-        for index in lines.indices where lines[index].record.outcome == .completed {
-            lines[index].check = await check.verify(lines[index].record, volumes: installation.configuration.volumes,
-                                                    writers: writers)
+        // Every checkpoint that reached the DR store: its applications started on a clone of the
+        // DR copy (verified as it landed; verified now if it was not).
+        let store = try DRStore(root: lab.layout.drStore, create: false)
+        let verifier = DRVerifier(store: store)
+        for index in lines.indices {
+            let id = lines[index].record.id
+            let volumes = store.volumes().filter { store.checkpoints(volume: $0).contains(id) }
+            guard let first = volumes.first else { continue }
+            var verification = verifier.recorded(volume: first, checkpoint: id)
+            if verification == nil {
+                do { verification = try await verifier.verify(checkpoint: id, volumes: volumes) } catch {
+                    lines[index].error = "DR verify: \(error)"
+                }
+            }
+            if let verification {
+                lines[index].check = SnapshotCheck.Result(checkpoint: id, ok: verification.ok, writers: verification.writers,
+                                                          problems: verification.problems)
+            }
         }
-        let ok = !lines.isEmpty && lines.allSatisfy { $0.record.outcome == .completed && ($0.check?.ok ?? false) }
+        let ok = !lines.isEmpty && lines.allSatisfy {
+            $0.record.outcome == .completed && $0.error == nil && ($0.check?.ok ?? false)
+        }
         return Report(dir: lab.layout.root, checkpoints: lines, workloads: summaries, ok: ok)
     }
 }

@@ -91,6 +91,14 @@ public struct Lab: Sendable {
             mount = "\(l.guest)"
             provider = "reflink"
 
+            # The DR site, on its own XFS filesystem: every received checkpoint is verified
+            # (its applications started on a private clone) as it lands.
+            [[target]]
+            name = "\(LabLayout.targetName)"
+            url = "file://\(l.drStore)"
+            verify = true
+            keep = 5
+
             """
         try text.write(toFile: l.config, atomically: true, encoding: .utf8)
     }

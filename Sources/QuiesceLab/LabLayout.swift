@@ -21,6 +21,9 @@ public struct LabLayout: Sendable, Codable {
     /// The DR side's XFS store.
     public var drFile: String { "\(root)/dr.xfs" }
     public var dr: String { "\(root)/dr" }
+    /// The DR store the lab's target replicates to (on the DR filesystem).
+    public var drStore: String { "\(dr)/store" }
+    public static let targetName = "dr"
     /// quiesce's own files: never on a volume of the snapshot set.
     public var config: String { "\(root)/quiesce.toml" }
     public var writersDirectory: String { "\(root)/writers.d" }

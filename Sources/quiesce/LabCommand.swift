@@ -122,13 +122,18 @@ enum DemoReport {
         var out = ["quiesce lab demo: \(report.checkpoints.count) checkpoint(s) of a live workload in \(report.dir)", ""]
         for line in report.checkpoints {
             let r = line.record
-            let verdict = line.check.map { $0.ok ? "snapshot verified" : "SNAPSHOT CHECK FAILED" } ?? "not checked"
+            let verdict = line.check.map { $0.ok ? "DR copy started cleanly" : "DR COPY FAILED VERIFICATION" } ?? "not on the DR store"
             out.append("\(r.id)  \(r.outcome.rawValue)  freeze \(CLI.milliseconds(r.freezeWindowMs))  hold \(CLI.milliseconds(r.holdWindowMs))  \(verdict)")
             if let error = line.error { out.append("    error: \(error)") }
+            for outcome in line.replication ?? [] {
+                out.append("    replicated to \(outcome.target): \(outcome.status.rawValue)"
+                           + (outcome.status == .applied ? (outcome.base.map { " (delta from \($0)" } ?? " (full") + ", \(ReplicationReportText.bytes(outcome.changedBytes)) changed)" : "")
+                           + (outcome.error.map { ": \($0)" } ?? ""))
+            }
             for w in r.writers {
                 // The report shows the state recorded; the path and the SQL text are in `checkpoints show`.
                 let marker = w.marker.map { m in
-                    ConsistencyMarker(m.fields.filter { !["database", "marker_query", "data_directory"].contains($0.key) }).summary
+                    ConsistencyMarker(m.fields.filter { !["database", "marker_query", "data_directory", "names", "folders_state", "root"].contains($0.key) }).summary
                 } ?? "-"
                 out.append("    \(w.name) (\(w.type)) marker: \(marker)")
                 if let verdict = line.check?.writers.first(where: { $0.writer == w.name }) {
@@ -141,7 +146,7 @@ enum DemoReport {
         out.append("workload:")
         for (name, summary) in report.workloads.sorted(by: { $0.key < $1.key }) { out.append("    \(name): \(summary)") }
         out.append("")
-        out.append(report.ok ? "every checkpoint completed and its snapshot holds what its writers recorded"
+        out.append(report.ok ? "every checkpoint completed, reached the DR store, and its applications started cleanly there"
                              : "some checkpoints failed or did not verify: see above")
         return out.joined(separator: "\n")
     }
