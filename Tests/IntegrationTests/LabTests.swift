@@ -66,6 +66,9 @@ struct LabTests {
                 #expect(record.outcome == .completed, "\(record.id): \(line.error ?? "")")
                 #expect(line.error == nil)
                 #expect(record.snapshots.count == 1)
+                let replicated = try #require(line.replication?.first, "\(record.id) was not replicated")
+                #expect(replicated.status == .applied && replicated.verified == true,
+                        "\(record.id) at the DR target: \(replicated.status) verified \(String(describing: replicated.verified)) \(replicated.verifyFailures ?? [])")
                 let check = try #require(line.check, "\(record.id) was not checked")
                 #expect(check.ok, "\(record.id): \(check.problems) \(check.writers.map { "\($0.writer): \($0.details)" })")
                 #expect(Set(check.writers.map(\.writer)) == Set(labWriters))
@@ -88,6 +91,75 @@ struct LabTests {
             let down = try await quiesce(["lab", "down", "--dir", lab.root])
             #expect(down.succeeded, "lab down: \(shown(down))")
             lab.expectGone()
+        }
+    }
+
+    /// A DR copy damaged after it arrived (a corrupted PostgreSQL page, a truncated SQLite
+    /// database) fails `dr verify`, which names each writer and why; the undamaged
+    /// checkpoint beside it still verifies.
+    @Test(.enabled(if: worlds))
+    func damagedDRCopyFailsVerificationNamingTheWriter() async throws {
+        try TestEnvironment.requireWorlds()
+        try await withLabDirectory { lab in
+            let up = try await quiesce(["lab", "up", "--dir", lab.root] + Self.sizes)
+            try #require(up.succeeded, "lab up: \(shown(up))")
+            let config = lab.root + "/quiesce.toml"
+            for _ in 0..<2 {
+                let checkpoint = try await quiesce(["checkpoint", "--config", config, "--replicate"])
+                try #require(checkpoint.succeeded, "checkpoint --replicate: \(shown(checkpoint))")
+            }
+            let store = lab.root + "/dr/store"
+            let ids = try FileManager.default.contentsOfDirectory(atPath: store + "/vm1").filter { $0.hasSuffix(".img") }.sorted()
+            try #require(ids.count == 2, "\(ids)")
+            let damaged = String(ids[1].dropLast(4)), intact = String(ids[0].dropLast(4))
+
+            // Damage the newest DR copy in place, as a failing disk would.
+            let mountPoint = lab.scratch + "/damage"
+            try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+            let device = try await LoopDevice.attach(file: "\(store)/vm1/\(ids[1])")
+            try await Mounts.mount(device: device, at: mountPoint, type: "ext4", options: nil)
+            let ledger = mountPoint + "/app/orders.db"
+            let size = try FileManager.default.attributesOfItem(atPath: ledger)[.size] as! UInt64
+            truncate(ledger, off_t(size / 2 + 100))
+            unlink(ledger + "-wal")
+            // Garbage over the line pointers of the pages of the biggest database's larger relations
+            // (pgbench's tables and their indexes): pg_amcheck's btree check catches it.
+            let base = mountPoint + "/postgresql/data/base"
+            var files: [(path: String, size: UInt64)] = []
+            for database in try FileManager.default.contentsOfDirectory(atPath: base) {
+                for file in try FileManager.default.contentsOfDirectory(atPath: "\(base)/\(database)") where file.allSatisfy(\.isNumber) {
+                    let path = "\(base)/\(database)/\(file)"
+                    files.append((path, try FileManager.default.attributesOfItem(atPath: path)[.size] as! UInt64))
+                }
+            }
+            let largest = try #require(files.max { $0.size < $1.size })
+            let directory = (largest.path as NSString).deletingLastPathComponent
+            let damagedFiles = files.filter { $0.path.hasPrefix(directory + "/") && $0.size >= 256 << 10 }
+            try #require(damagedFiles.count >= 2, "no pgbench relations to damage: \(files.filter { $0.size >= 256 << 10 })")
+            let garbage = [UInt8](repeating: 0xa5, count: 200)
+            for file in damagedFiles {
+                let fd = open(file.path, O_WRONLY)
+                for page in 1..<min(Int(file.size / 8192), 400) {
+                    _ = pwrite(fd, garbage, garbage.count, off_t(page * 8192 + 24))
+                }
+                fsync(fd)
+                close(fd)
+            }
+            try await Mounts.unmount(mountPoint)
+            try await LoopDevice.detach(device)
+
+            let verify = try await quiesce(["dr", "verify", "--store", store, "--checkpoint", damaged])
+            #expect(verify.status == 10, "dr verify of a damaged copy: \(shown(verify))")
+            #expect(verify.stderr.contains("writer orders (sqlite)"), "\(verify.stderr)")
+            #expect(verify.stderr.contains("writer postgresql (postgresql)"), "\(verify.stderr)")
+            let recorded = try String(contentsOfFile: "\(store)/vm1/\(damaged).verify.json", encoding: .utf8)
+            #expect(recorded.contains("\"ok\" : false"))
+
+            let good = try await quiesce(["dr", "verify", "--store", store, "--checkpoint", intact, "--json"])
+            #expect(good.succeeded, "dr verify of the intact copy: \(shown(good))")
+
+            let down = try await quiesce(["lab", "down", "--dir", lab.root])
+            #expect(down.succeeded, "lab down: \(shown(down))")
         }
     }
 

@@ -40,6 +40,13 @@ extension SQLiteWriter {
             return checks.report
         }
 
+        // A truncated file reads as zeros past its end, which integrity_check can miss in a
+        // small database: the header says how many pages the file holds at least.
+        if let shortfall = Self.truncation(path) {
+            checks.fail(shortfall)
+            return checks.report
+        }
+
         var workPath = path
         var temporaryDirectory: String?
         defer { if let temporaryDirectory { try? FileManager.default.removeItem(atPath: temporaryDirectory) } }
@@ -162,5 +169,23 @@ extension SQLiteWriter {
         }
         return made
     }
-}
 
+    /// A reason if the database file is shorter than its header's page count says (bytes
+    /// 16–17 page size, 28–31 the in-header database size, valid when the change counter at
+    /// 24–27 equals the version-valid-for number at 92–95), nil when it is not.
+    static func truncation(_ path: String) -> String? {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? handle.close() }
+        guard let header = try? handle.read(upToCount: 100), header.count == 100 else {
+            return "\(path) is shorter than a SQLite header (truncated)"
+        }
+        let bytes = [UInt8](header)
+        func u32(_ at: Int) -> UInt32 { bytes[at..<at + 4].reduce(0) { $0 << 8 | UInt32($1) } }
+        let rawPageSize = UInt32(bytes[16]) << 8 | UInt32(bytes[17])
+        let pageSize = rawPageSize == 1 ? 65536 : UInt64(rawPageSize)
+        let pages = UInt64(u32(28))
+        guard pageSize >= 512, pages > 0, u32(24) == u32(92) else { return nil }
+        guard let size = try? handle.seekToEnd(), size < pages * pageSize else { return nil }
+        return "\(path) holds \(size) bytes, but its header counts \(pages) pages of \(pageSize) bytes (\(pages * pageSize)): the file is truncated"
+    }
+}
