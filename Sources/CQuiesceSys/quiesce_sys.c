@@ -62,3 +62,13 @@ int quiesce_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int low) {
 int quiesce_punch_hole(int fd, uint64_t offset, uint64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }
+
+int64_t quiesce_fiemap_count(int fd) {
+    struct fiemap map;
+    memset(&map, 0, sizeof(map));
+    map.fm_start = 0;
+    map.fm_length = ~0ULL;
+    map.fm_extent_count = 0;
+    if (ioctl(fd, FS_IOC_FIEMAP, &map) < 0) return -1;
+    return (int64_t)map.fm_mapped_extents;
+}

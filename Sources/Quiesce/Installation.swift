@@ -54,6 +54,11 @@ public struct Installation: Sendable {
             logger.warning("no writers registered: the snapshot will be crash-consistent only",
                            metadata: ["writers_dir": "\(configuration.writersDirectory)"])
         }
+        for volume in configuration.volumes {
+            for risk in Providers.all[volume.provider]?.holdWindowRisks([volume], holdTimeout: configuration.holdTimeout) ?? [] {
+                logger.warning("\(risk)")
+            }
+        }
         let result = await coordinator(writers: registry.writers, journal: catalog).checkpoint(label: label)
         return result
     }

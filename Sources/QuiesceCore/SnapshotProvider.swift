@@ -56,6 +56,13 @@ public protocol SnapshotProvider: Sendable {
     func discard(_ volumes: [Volume], checkpointID: String) throws
     /// Delete one committed snapshot (pruning).
     func delete(_ snapshot: SnapshotFile) throws
+    /// Reasons to expect the snapshot to take a large part of `holdTimeout` (checked before
+    /// each checkpoint, outside the freeze; a warning, not a refusal). Each names the fix.
+    func holdWindowRisks(_ volumes: [Volume], holdTimeout: Duration) -> [String]
+}
+
+extension SnapshotProvider {
+    public func holdWindowRisks(_ volumes: [Volume], holdTimeout: Duration) -> [String] { [] }
 }
 
 /// Errors of the snapshot providers: what failed, where, and the fix.

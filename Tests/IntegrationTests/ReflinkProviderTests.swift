@@ -12,6 +12,31 @@ private let btrfsWorlds = TestEnvironment.canBuildWorlds && TestEnvironment.loca
 struct ReflinkProviderTests {
     let provider = ReflinkProvider()
 
+    /// A fragmented image (random writes into a sparse file) gets a warning before the
+    /// checkpoint, naming the extent count, the estimated clone time and the fix; a hold
+    /// limit with room for it gets none.
+    @Test(.enabled(if: worlds))
+    func fragmentedImageIsWarnedAboutBeforeItsCloneEatsTheHoldWindow() async throws {
+        try TestEnvironment.requireWorlds()
+        try await TestWorld.with(.init(mountGuests: false)) { world in
+            let image = world.datastore + "/fragmented.img"
+            let fd = open(image, O_RDWR | O_CREAT, 0o600)
+            ftruncate(fd, 1 << 30)
+            var generator = SystemRandomNumberGenerator()
+            let block = [UInt8](repeating: 0x5a, count: 4096)
+            for _ in 0..<3000 {
+                _ = pwrite(fd, block, 4096, off_t(UInt64.random(in: 0..<(1 << 18), using: &generator) * 4096))
+            }
+            fsync(fd)
+            close(fd)
+            let volume = Volume(name: "fragmented", image: image, mount: nil)
+            let risks = ReflinkProvider().holdWindowRisks([volume], holdTimeout: .milliseconds(100))
+            let risk = try #require(risks.first, "no warning for 3000 random writes")
+            #expect(risk.contains("volume \"fragmented\"") && risk.contains("extents") && risk.contains("xfs_fsr"), "\(risk)")
+            #expect(ReflinkProvider().holdWindowRisks([volume], holdTimeout: .seconds(10)).isEmpty)
+        }
+    }
+
     @Test(.enabled(if: worlds))
     func snapshotSharesEveryExtentWithTheLiveImage() async throws {
         try TestEnvironment.requireWorlds()

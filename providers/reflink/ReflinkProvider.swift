@@ -394,3 +394,29 @@ public struct ReflinkProvider: SnapshotProvider {
         0x9660: "iso9660",
     ]
 }
+
+extension ReflinkProvider {
+    /// Measured on XFS (2 cores, loop device): FICLONE costs about 10–15 µs per extent of the
+    /// source (26 ms at 2,000 extents, 2.7 s at 130,000, 3.6 s at 190,000), and the clone
+    /// runs inside the hold window. 15 µs is the conservative figure.
+    public static let cloneCostPerExtent: Duration = .microseconds(15)
+
+    /// Warns when an image is so fragmented that cloning it would take more than a quarter
+    /// of the hold limit.
+    public func holdWindowRisks(_ volumes: [Volume], holdTimeout: Duration) -> [String] {
+        volumes.compactMap { volume in
+            let fd = open(volume.image, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { return nil }
+            defer { close(fd) }
+            let extents = quiesce_fiemap_count(fd)
+            guard extents > 0 else { return nil }
+            let estimate = Self.cloneCostPerExtent * Int(extents)
+            guard estimate * 4 > holdTimeout else { return nil }
+            return "volume \"\(volume.name)\": \(volume.image) has \(extents) extents; cloning it takes about "
+                + "\(formatDuration(estimate)) inside the hold window (hold_timeout \(formatDuration(holdTimeout))). "
+                + "Defragment it (xfs_fsr \(volume.image), while no checkpoint runs) and set an extent size hint on the "
+                + "datastore's image directory so new writes stay contiguous (xfs_io -c 'extsize 1m' DIR before creating "
+                + "images; see docs/operations.md)"
+        }
+    }
+}

@@ -54,4 +54,8 @@ static const uint32_t QUIESCE_FIEMAP_EXTENT_DATA_TAIL = 0x00000400;
    (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE). Returns 0 or -1 with errno. */
 int quiesce_punch_hole(int fd, uint64_t offset, uint64_t length);
 
+/* How many extents FIEMAP reports for the whole file, without listing them (no sync:
+   an estimate for planning). Returns the count or -1 with errno. */
+int64_t quiesce_fiemap_count(int fd);
+
 #endif
