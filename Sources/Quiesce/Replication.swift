@@ -116,8 +116,10 @@ extension Installation {
         guard let snapshot = record.snapshots.first(where: { $0.volume == volume.name }) else {
             throw ReplicationError("checkpoint \(record.id) has no snapshot of volume \(volume.name)")
         }
-        // Keep the snapshot being read from pruning while we read it.
-        let readingHolder = "replication in progress (pid \(getpid()))"
+        // Keep the snapshot being read from pruning while we read it (a run that died keeps
+        // its hold until the next run sees its pid is gone).
+        releaseHoldsOfDeadRuns(catalog)
+        let readingHolder = "\(Self.readingHolderPrefix)\(getpid()))"
         try catalog.hold(checkpointID: record.id, holder: readingHolder)
         defer { _ = try? catalog.release(holder: readingHolder) }
 
@@ -290,6 +292,15 @@ extension Installation {
     }
 
     // MARK: Pieces
+
+    static let readingHolderPrefix = "replication in progress (pid "
+
+    private func releaseHoldsOfDeadRuns(_ catalog: Catalog) {
+        for hold in (try? catalog.holds()) ?? [] where hold.holder.hasPrefix(Self.readingHolderPrefix) {
+            guard let pid = Int32(hold.holder.dropFirst(Self.readingHolderPrefix.count).dropLast()) else { continue }
+            if kill(pid, 0) != 0, errno == ESRCH { _ = try? catalog.release(holder: hold.holder) }
+        }
+    }
 
     /// The volumes and the registered writers' drop-ins, for the DR side.
     func checkpointEnvironment() -> CheckpointEnvironment {

@@ -122,8 +122,12 @@ struct ReplicationTests {
             #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: first)) == fileDigest(firstSnapshot))
             let resumeAt = try #require(drStore.partial(volume: "vm1")?.frames)
 
+            let holders = try site.installation().openCatalog().holds().map(\.holder)
+            #expect(holders.contains { $0.hasPrefix("replication in progress (pid \(sender.pid)") }, "\(holders)")
             let again = try await site.runCLI(["replicate", "--json"])
             #expect(again.status == 0, "\(again.stderr)")
+            // The killed run's hold on the snapshot it was reading is gone.
+            #expect(!(try site.installation().openCatalog().holds().map(\.holder)).contains { $0.contains("pid \(sender.pid)") })
             let outcome = try #require(try decodeReport(again.stdout).outcomes.first)
             #expect(outcome.status == .applied)
             #expect(outcome.resumedAtFrame >= resumeAt && resumeAt > 0, "resumed at \(outcome.resumedAtFrame), receiver had \(resumeAt)")
