@@ -14,7 +14,7 @@ struct QuiesceCommand: AsyncParsableCommand {
         subcommands: [
             CheckpointCommand.self, WritersCommand.self, CheckpointsCommand.self,
             ReplicateCommand.self, TargetsCommand.self, SendCommand.self, ReceiveCommand.self, ServeCommand.self,
-            DRCommand.self,
+            DRCommand.self, FailoverCommand.self,
             LabCommand.self,
             GuardCommand.self, LabWorkloadCommand.self,
         ]
