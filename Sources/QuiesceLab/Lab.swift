@@ -1,6 +1,8 @@
 import Foundation
 import Logging
 import QuiesceCore
+import QuiesceDR
+import QuiesceReplication
 import QuiesceSystem
 
 /// The embedded default: a whole quiesce world on one machine, from loop devices.
@@ -111,6 +113,12 @@ public struct Lab: Sendable {
         let l = layout
         guard FileManager.default.fileExists(atPath: l.root) else { return }
         await stopStrayWorkloads()
+        // A DR test on the lab's store runs servers on a mounted clone: stop it first.
+        if let store = try? DRStore(root: l.drStore, create: false) {
+            do { _ = try await DRTest(store: store).stop() } catch {
+                logger.warning("stopping the DR test on \(l.drStore): \(error)")
+            }
+        }
         for application in applications.reversed() { await application.tearDown(l) }
 
         // Nothing may stay frozen: a frozen guest would hang every step below.

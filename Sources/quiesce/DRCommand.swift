@@ -8,7 +8,7 @@ struct DRCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dr",
         abstract: "On the DR site: check that received checkpoints start cleanly.",
-        subcommands: [Verify.self]
+        subcommands: [Verify.self, DRTestCommand.self]
     )
 
     struct Verify: AsyncParsableCommand {

@@ -24,90 +24,23 @@ extension PostgreSQLWriter {
 
     func verifyCopy(_ copy: CopyLayout, marker: ConsistencyMarker) throws -> VerifyReport {
         var checks = VerifyChecks()
-        guard let live = marker[Self.dataDirectoryKey] ?? dataDirectory else {
-            checks.fail("the marker records no data_directory, and the spec sets none: cannot find the data directory in the copy")
-            return checks.report
-        }
-        guard let directory = copy.translate(live) else {
-            checks.fail("the data directory \(live) is on no volume of the copy (copied mounts: \(copy.mounts.keys.sorted().joined(separator: ", ")))")
-            return checks.report
-        }
-        guard FileManager.default.fileExists(atPath: directory + "/PG_VERSION") else {
-            checks.fail("the copy has no PostgreSQL data directory at \(directory) (no PG_VERSION)")
-            return checks.report
-        }
-        guard access(directory, W_OK) == 0 else {
-            checks.fail("the copy at \(directory) is not writable: PostgreSQL must replay its WAL on it (mount a writable clone of the snapshot)")
-            return checks.report
-        }
-        let version = ((try? String(contentsOfFile: directory + "/PG_VERSION", encoding: .utf8)) ?? "")
-            .trimmingCharacters(in: .whitespacesAndNewlines)
-        let bin: String
-        do { bin = try Self.binaryDirectory(major: version) } catch {
-            checks.fail("\(error)")
-            return checks.report
-        }
-        guard let ids = Self.userIDs(Self.serverUser) else {
-            checks.fail("there is no \(Self.serverUser) user on this machine to run the server on the copy (install PostgreSQL \(version))")
-            return checks.report
-        }
-
-        // Make the clone startable: ours to change, never the live system.
-        do {
-            try prepareCopy(directory, copy: copy, owner: ids, checks: &checks)
-        } catch {
-            checks.fail("\(error)")
-            return checks.report
-        }
-        let runsAs = try ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", "test", "-x", directory],
-                                              timeout: .seconds(10))
-        guard runsAs.succeeded else {
-            checks.fail("the \(Self.serverUser) user cannot reach \(directory): every directory above the copy must be searchable by it (chmod o+x)")
-            return checks.report
-        }
-
+        guard let server = try prepareServer(on: copy, marker: marker, checks: &checks) else { return checks.report }
         let privateDirectory: String
-        do { privateDirectory = try Self.makePrivateDirectory(owner: ids) } catch {
+        do { privateDirectory = try Self.makePrivateDirectory(owner: server.owner) } catch {
             checks.fail("cannot create a private socket directory: \(error)")
             return checks.report
         }
         defer { try? FileManager.default.removeItem(atPath: privateDirectory) }
         let log = privateDirectory + "/server.log"
         let port = LoopbackPort.free(fallback: 54321)
-        do {
-            try "local all all trust\n".write(toFile: privateDirectory + "/pg_hba.conf", atomically: false, encoding: .utf8)
-            _ = chown(privateDirectory + "/pg_hba.conf", ids.uid, ids.gid)
-        } catch {
-            checks.fail("cannot write the copy's pg_hba.conf: \(error)")
+        let version = server.version, bin = server.bin
+        let started = ContinuousClock.now
+        guard let start = try startServer(server, socketDirectory: privateDirectory, port: port, log: log, checks: &checks) else {
             return checks.report
         }
-        var options = [
-            "-c listen_addresses=''", "-c unix_socket_directories='\(privateDirectory)'", "-p \(port)",
-            "-c hba_file='\(privateDirectory)/pg_hba.conf'", "-c archive_mode=off", "-c logging_collector=off",
-            "-c data_directory='\(directory)'",
-        ]
-        if !FileManager.default.fileExists(atPath: directory + "/postgresql.conf") {
-            // Debian keeps postgresql.conf in /etc/postgresql: start the copy with the defaults.
-            _ = FileManager.default.createFile(atPath: privateDirectory + "/postgresql.conf", contents: Data())
-            _ = chown(privateDirectory + "/postgresql.conf", ids.uid, ids.gid)
-            options.append("-c config_file='\(privateDirectory)/postgresql.conf'")
-            checks.pass("the copy has no postgresql.conf: started with PostgreSQL's defaults")
-        }
-        _ = FileManager.default.createFile(atPath: log, contents: Data())
-        _ = chown(log, ids.uid, ids.gid)
-
-        let started = ContinuousClock.now
-        let start = try ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", bin + "/pg_ctl", "start",
-            "-D", directory, "-l", log, "-w", "-t", "\(Int(Self.verifyStartLimit.seconds))", "-o", options.joined(separator: " ")],
-            timeout: Self.verifyStartLimit + .seconds(10))
         defer {
             // Always: a server left running would hold the copy's mount.
-            let stop = try? ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", bin + "/pg_ctl", "stop",
-                "-D", directory, "-m", "fast", "-w", "-t", "30"], timeout: .seconds(40))
-            if stop?.succeeded != true, FileManager.default.fileExists(atPath: directory + "/postmaster.pid") {
-                _ = try? ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", bin + "/pg_ctl", "stop",
-                    "-D", directory, "-m", "immediate", "-w", "-t", "30"], timeout: .seconds(40))
-            }
+            Self.stopServer(server.directory, bin: server.bin)
         }
         let recovery = Self.recoveryLines(log)
         guard start.succeeded else {
@@ -156,6 +89,122 @@ extension PostgreSQLWriter {
         }
         return checks.report
     }
+
+    /// A PostgreSQL data directory in a copy, made startable: where it is, its major version,
+    /// the server binaries for it, and the user that owns it now.
+    struct CopyServer {
+        var directory: String
+        var version: String
+        var bin: String
+        var owner: (uid: uid_t, gid: gid_t)
+    }
+
+    /// Finds the data directory of the marker (or the spec) in the copy and makes it startable:
+    /// the live server's `postmaster.pid` removed, `pg_wal` and tablespace links re-pointed into
+    /// the copy, everything given to the server's user. Nil (after `checks.fail`) when it cannot.
+    func prepareServer(on copy: CopyLayout, marker: ConsistencyMarker, checks: inout VerifyChecks) throws -> CopyServer? {
+        guard let live = marker[Self.dataDirectoryKey] ?? dataDirectory else {
+            checks.fail("the marker records no data_directory, and the spec sets none: cannot find the data directory in the copy")
+            return nil
+        }
+        guard let directory = copy.translate(live) else {
+            checks.fail("the data directory \(live) is on no volume of the copy (copied mounts: \(copy.mounts.keys.sorted().joined(separator: ", ")))")
+            return nil
+        }
+        guard FileManager.default.fileExists(atPath: directory + "/PG_VERSION") else {
+            checks.fail("the copy has no PostgreSQL data directory at \(directory) (no PG_VERSION)")
+            return nil
+        }
+        guard access(directory, W_OK) == 0 else {
+            checks.fail("the copy at \(directory) is not writable: PostgreSQL must replay its WAL on it (mount a writable clone of the snapshot)")
+            return nil
+        }
+        let version = ((try? String(contentsOfFile: directory + "/PG_VERSION", encoding: .utf8)) ?? "")
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        let bin: String
+        do { bin = try Self.binaryDirectory(major: version) } catch {
+            checks.fail("\(error)")
+            return nil
+        }
+        guard let ids = Self.userIDs(Self.serverUser) else {
+            checks.fail("there is no \(Self.serverUser) user on this machine to run the server on the copy (install PostgreSQL \(version))")
+            return nil
+        }
+
+        // Make the clone startable: ours to change, never the live system.
+        do {
+            try prepareCopy(directory, copy: copy, owner: ids, checks: &checks)
+        } catch {
+            checks.fail("\(error)")
+            return nil
+        }
+        let runsAs = try ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", "test", "-x", directory],
+                                              timeout: .seconds(10))
+        guard runsAs.succeeded else {
+            checks.fail("the \(Self.serverUser) user cannot reach \(directory): every directory above the copy must be searchable by it (chmod o+x)")
+            return nil
+        }
+        return CopyServer(directory: directory, version: version, bin: bin, owner: ids)
+    }
+
+    /// Starts the server on a prepared copy with `pg_ctl start -w`: Unix socket in `socketDirectory`
+    /// (owned by the server's user) only, no TCP, WAL archiving off, trust for local connections
+    /// (`pg_hba.conf` in `socketDirectory`), PostgreSQL's defaults when the copy has no
+    /// `postgresql.conf`, plus `extraOptions` (`-c name=value`). Nil (after `checks.fail`) when the
+    /// configuration cannot be written; otherwise pg_ctl's result (the server may not have started).
+    func startServer(_ server: CopyServer, socketDirectory: String, port: Int, log: String, extraOptions: [String] = [],
+                     checks: inout VerifyChecks) throws -> CommandResult? {
+        let ids = server.owner, directory = server.directory
+        do {
+            try "local all all trust\n".write(toFile: socketDirectory + "/pg_hba.conf", atomically: false, encoding: .utf8)
+            _ = chown(socketDirectory + "/pg_hba.conf", ids.uid, ids.gid)
+        } catch {
+            checks.fail("cannot write the copy's pg_hba.conf: \(error)")
+            return nil
+        }
+        var options = [
+            "-c listen_addresses=''", "-c unix_socket_directories='\(socketDirectory)'", "-p \(port)",
+            "-c hba_file='\(socketDirectory)/pg_hba.conf'", "-c archive_mode=off", "-c logging_collector=off",
+            "-c data_directory='\(directory)'",
+        ]
+        if !FileManager.default.fileExists(atPath: directory + "/postgresql.conf") {
+            // Debian keeps postgresql.conf in /etc/postgresql: start the copy with the defaults.
+            _ = FileManager.default.createFile(atPath: socketDirectory + "/postgresql.conf", contents: Data())
+            _ = chown(socketDirectory + "/postgresql.conf", ids.uid, ids.gid)
+            options.append("-c config_file='\(socketDirectory)/postgresql.conf'")
+            checks.pass("the copy has no postgresql.conf: started with PostgreSQL's defaults")
+        }
+        options += extraOptions
+        _ = FileManager.default.createFile(atPath: log, contents: Data())
+        _ = chown(log, ids.uid, ids.gid)
+
+        return try ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", server.bin + "/pg_ctl", "start",
+            "-D", directory, "-l", log, "-w", "-t", "\(Int(Self.verifyStartLimit.seconds))", "-o", options.joined(separator: " ")],
+            timeout: Self.verifyStartLimit + .seconds(10))
+    }
+
+    /// `pg_ctl stop -m fast`, then `-m immediate` if the server is still there. True when no server
+    /// runs on the data directory afterwards (no `postmaster.pid`, or its process is gone: a crashed
+    /// server leaves a stale one that pg_ctl cannot stop).
+    @discardableResult
+    static func stopServer(_ directory: String, bin: String) -> Bool {
+        let stop = try? ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", bin + "/pg_ctl", "stop",
+            "-D", directory, "-m", "fast", "-w", "-t", "30"], timeout: .seconds(40))
+        if stop?.succeeded != true, FileManager.default.fileExists(atPath: directory + "/postmaster.pid") {
+            _ = try? ChildProcess.runSync("/usr/sbin/runuser", ["-u", Self.serverUser, "--", bin + "/pg_ctl", "stop",
+                "-D", directory, "-m", "immediate", "-w", "-t", "30"], timeout: .seconds(40))
+        }
+        return serverPID(directory) == nil
+    }
+
+    /// The live postmaster's pid from the data directory's `postmaster.pid`, nil if none runs.
+    static func serverPID(_ directory: String) -> pid_t? {
+        guard let text = try? String(contentsOfFile: directory + "/postmaster.pid", encoding: .utf8),
+              let pid = text.split(separator: "\n").first.flatMap({ pid_t($0.trimmingCharacters(in: .whitespaces)) }),
+              pid > 0, kill(pid, 0) == 0 || errno == EPERM else { return nil }
+        return pid
+    }
+
 
     /// Removes the live server's lock file and re-points symlinks to live paths, then gives the
     /// data directory (and WAL directory and tablespaces inside the copy) to the server's user.
