@@ -107,6 +107,10 @@ public final class DeltaReader {
 
     public private(set) var stats = DeltaReaderStats()
 
+    /// Every data chunk, read ahead with several requests in flight; `dataIndex` is the next one.
+    private var readAhead: ReadAhead?
+    private var dataIndex = 0
+
     /// Bytes read from disk so far (target + base).
     public var bytesRead: UInt64 { stats.bytesRead }
 
@@ -152,9 +156,23 @@ public final class DeltaReader {
             throw error
         }
         cursor = self.ranges.first?.offset ?? 0
+        var pieces: [ReadAhead.Piece] = []
+        for range in self.ranges where range.kind == .data {
+            var at = range.offset
+            while at < range.end {
+                let length = min(range.end - at, UInt64(chunkSize))
+                pieces.append(.init(offset: at, length: Int(length)))
+                at += length
+            }
+        }
+        if !pieces.isEmpty {
+            // Deep enough to keep a disk busy, bounded in memory (depth × chunkSize at most).
+            readAhead = ReadAhead(fd: targetFD, path: target, pieces: pieces, depth: max(2, min(16, (64 << 20) / chunkSize)))
+        }
     }
 
     deinit {
+        readAhead?.close()
         close(targetFD)
         if baseFD >= 0 { close(baseFD) }
         targetBatch?.deallocate()
@@ -190,7 +208,20 @@ public final class DeltaReader {
                 return emit(chunk)
             case .data:
                 var chunk = DeltaChunk(kind: .data, offset: cursor, length: min(range.end - cursor, UInt64(chunkSize)))
-                if payload { chunk.payload = try readTarget(at: chunk.offset, count: Int(chunk.length)) }
+                if let readAhead {
+                    if payload {
+                        let bytes = try readAhead.take(dataIndex)
+                        stats.bytesRead += UInt64(bytes.count)
+                        guard bytes.count == Int(chunk.length) else { throw endOfTarget(at: chunk.offset + UInt64(bytes.count)) }
+                        Self.dropCache(targetFD, chunk.offset, bytes.count)
+                        chunk.payload = bytes
+                    } else {
+                        readAhead.skip(dataIndex)
+                    }
+                    dataIndex += 1
+                } else if payload {
+                    chunk.payload = try readTarget(at: chunk.offset, count: Int(chunk.length))
+                }
                 // Past the chunk only once it is read: after a failed read, next() tries it again.
                 cursor = chunk.end
                 return emit(chunk)
