@@ -396,10 +396,10 @@ public struct ReflinkProvider: SnapshotProvider {
 }
 
 extension ReflinkProvider {
-    /// Measured on XFS (2 cores, loop device): FICLONE costs about 10–15 µs per extent of the
-    /// source (26 ms at 2,000 extents, 2.7 s at 130,000, 3.6 s at 190,000), and the clone
-    /// runs inside the hold window. 15 µs is the conservative figure.
-    public static let cloneCostPerExtent: Duration = .microseconds(15)
+    /// Measured on XFS (2 cores, loop device): FICLONE costs about 10–18 µs per extent of the
+    /// source (26 ms at 2,000 extents, 2.7 s at 130,000, 6.6 s at 377,000 in bench/delta's
+    /// checkpoints), and the clone runs inside the hold window. 20 µs is the conservative figure.
+    public static let cloneCostPerExtent: Duration = .microseconds(20)
 
     /// Warns when an image is so fragmented that cloning it would take more than a quarter
     /// of the hold limit.
