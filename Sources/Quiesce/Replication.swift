@@ -96,8 +96,11 @@ extension Installation {
     /// (or those named), each from the base that target says it has. A delta is read once
     /// for all targets that share its base. Targets that fail are reported; the others go on.
     /// `full` sends whole streams even where a base exists: a new, independent DR copy
-    /// (after a scrub found a damaged one).
-    public func replicate(targets names: [String]? = nil, checkpointID: String? = nil, full: Bool = false) throws -> ReplicationReport {
+    /// (after a scrub found a damaged one). `fullCompare` finds the delta by comparing every
+    /// block of the two snapshots instead of their extent maps (after a defragmentation moved
+    /// every block, the maps would call the whole image changed).
+    public func replicate(targets names: [String]? = nil, checkpointID: String? = nil, full: Bool = false,
+                          fullCompare: Bool = false) throws -> ReplicationReport {
         signal(SIGPIPE, SIG_IGN)
         let targets = try selectTargets(names)
         let catalog = try openCatalog()
@@ -106,13 +109,14 @@ extension Installation {
             guard let record = try checkpointToSend(catalog, volume: volume.name, checkpointID: checkpointID) else {
                 throw ReplicationError("volume \(volume.name) has no completed checkpoint to replicate; run `quiesce checkpoint` first")
             }
-            outcomes += try replicate(volume: volume, record: record, targets: targets, catalog: catalog, full: full)
+            outcomes += try replicate(volume: volume, record: record, targets: targets, catalog: catalog, full: full,
+                                      fullCompare: fullCompare)
         }
         return ReplicationReport(outcomes: outcomes)
     }
 
     private func replicate(volume: Volume, record: CheckpointRecord, targets: [ReplicationTarget],
-                           catalog: Catalog, full: Bool) throws -> [TargetOutcome] {
+                           catalog: Catalog, full: Bool, fullCompare: Bool) throws -> [TargetOutcome] {
         guard let snapshot = record.snapshots.first(where: { $0.volume == volume.name }) else {
             throw ReplicationError("checkpoint \(record.id) has no snapshot of volume \(volume.name)")
         }
@@ -159,9 +163,10 @@ extension Installation {
             let base = members[0].base
             let baseImage = base?.snapshots.first { $0.volume == volume.name }?.path
             do {
+                let ranges = fullCompare && baseImage != nil ? DeltaReader.fullCompareRanges(size: snapshot.sizeBytes)
+                    : try changedRanges(volume, base: baseImage, target: snapshot.path)
                 let plan = DeltaPlan(volume: volume.name, targetImage: snapshot.path, baseImage: baseImage, base: base?.id,
-                                     manifest: record, environment: checkpointEnvironment(),
-                                     ranges: try changedRanges(volume, base: baseImage, target: snapshot.path))
+                                     manifest: record, environment: checkpointEnvironment(), ranges: ranges)
                 let report = try DeltaSender.send(plan, to: members.map(\.session))
                 for (member, sent) in zip(members, report.destinations) {
                     var outcome = TargetOutcome(target: member.target.name, volume: volume.name, checkpoint: record.id,

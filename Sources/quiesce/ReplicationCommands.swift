@@ -214,12 +214,17 @@ struct ReplicateCommand: AsyncParsableCommand {
     @Flag(help: "Send whole streams, not deltas: a fresh DR copy (after `targets scrub` found a damaged one).")
     var full = false
 
+    @Flag(name: .customLong("full-compare"), help: "Find the delta by comparing every block of the two snapshots, not their extent maps (once after a defragmentation moved every block).")
+    var fullCompare = false
+
     @Flag(help: "Print the report as JSON.")
     var json = false
 
     func run() async throws {
         try await CLI.run {
-            let report = try options.installation().replicate(targets: target, checkpointID: checkpoint, full: full)
+            if full && fullCompare { throw UsageError("--full and --full-compare exclude each other (a full stream compares nothing)") }
+            let report = try options.installation().replicate(targets: target, checkpointID: checkpoint, full: full,
+                                                              fullCompare: fullCompare)
             try ReplicationReportText.print(report, json: json)
             if report.failed { throw ExitCode(ExitStatus.replicationFailed.rawValue) }
         }

@@ -149,6 +149,18 @@ struct ReplicationTests {
             #expect(full.status == 0, "\(full.stderr)")
             #expect(try decodeReport(full.stdout).outcomes.first?.base == nil)
             #expect(try await site.runCLI(["targets", "scrub"]).status == 0)
+
+            // After a defragmentation: a delta found by comparing every block, not the maps.
+            _ = try churn(world, round: 9)
+            #expect(try await site.runCLI(["checkpoint"]).status == 0)
+            let compared = try await site.runCLI(["replicate", "--full-compare", "--json"])
+            #expect(compared.status == 0, "\(compared.stderr)")
+            let comparedOutcome = try #require(try decodeReport(compared.stdout).outcomes.first)
+            #expect(comparedOutcome.base != nil && comparedOutcome.bytesRead == 2 * world.options.imageSize,
+                    "base \(String(describing: comparedOutcome.base)), read \(comparedOutcome.bytesRead)")
+            let comparedID = try #require(comparedOutcome.checkpoint)
+            #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: comparedID))
+                    == fileDigest("\(world.volume.snapshotDirectory)/\(comparedID).img"))
         }
     }
 

@@ -414,9 +414,9 @@ extension ReflinkProvider {
             guard estimate * 4 > holdTimeout else { return nil }
             return "volume \"\(volume.name)\": \(volume.image) has \(extents) extents; cloning it takes about "
                 + "\(formatDuration(estimate)) inside the hold window (hold_timeout \(formatDuration(holdTimeout))). "
-                + "Defragment it (xfs_fsr \(volume.image), while no checkpoint runs) and set an extent size hint on the "
-                + "datastore's image directory so new writes stay contiguous (xfs_io -c 'extsize 1m' DIR before creating "
-                + "images; see docs/operations.md)"
+                + "Defragment it when no checkpoint runs (xfs_fsr \(volume.image); a sparse image must be written "
+                + "whole first, holes and unwritten extents keep it fragmented), then replicate once with "
+                + "`quiesce replicate --full-compare` (defragmenting moves every block); see docs/operations.md"
         }
     }
 }
