@@ -108,6 +108,7 @@ let package = Package(
         .testTarget(name: "IntegrationTests", dependencies: [
             "Quiesce", "QuiesceLab", "QuiesceTestSupport", "QuiesceSQLite", "ReflinkProvider", "QuiesceCatalog",
             "QuiesceReplication", "ReplicationTLS", "QuiesceSystem", "QuiesceDR",
+            .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .testTarget(name: "ReplicationTests", dependencies: ["QuiesceReplication", "QuiesceTestSupport", "ReflinkProvider"]),
     ]

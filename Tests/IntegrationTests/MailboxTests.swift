@@ -159,7 +159,9 @@ struct MailboxTests {
         try await TestWorld.with { world in
             let site = try TestSite(world)
             let store = try GuestMailStore(world, format: format, users: ["alice", "bob", "carol"])
-            try store.register(site)
+            // The property is what the copies hold; a generous writer timeout keeps a loaded CI
+            // machine (other suites share the test process) from failing it at prepare.
+            try store.register(site, timeout: "30s")
             // A folder besides INBOX (Maildir++ `.Archive`; an mbox file `Archive`).
             try store.createFolder("alice", "Archive")
             #expect(try store.deliver("alice", 0, folder: "Archive"))

@@ -44,9 +44,9 @@ struct ReplicationTests {
                         #expect(outcome.checkpoint == id)
                         #expect(outcome.base == (round == 1 ? nil : previousSnapshot.map { ($0 as NSString).lastPathComponent.replacingOccurrences(of: ".img", with: "") }))
                     }
-                    let primary = try fileDigest(snapshot)
-                    #expect(try fileDigest("\(dr)/local/vm1/\(id).img") == primary, "round \(round): local copy differs")
-                    #expect(try fileDigest("\(dr)/remote/vm1/\(id).img") == primary, "round \(round): remote copy differs")
+                    let primary = try await digest(snapshot)
+                    #expect(try await digest("\(dr)/local/vm1/\(id).img") == primary, "round \(round): local copy differs")
+                    #expect(try await digest("\(dr)/remote/vm1/\(id).img") == primary, "round \(round): remote copy differs")
                     let read = report.outcomes[0].bytesRead
                     if round == 1 {
                         // Full stream: allocated data only, far less than the sparse image.
@@ -119,7 +119,7 @@ struct ReplicationTests {
             #expect(await eventually(within: .seconds(20)) { !receiverRunning(store) })
             #expect(drStore.latest(volume: "vm1") == first, "the store moved on from \(first) without a whole checkpoint")
             let firstSnapshot = "\(world.volume.snapshotDirectory)/\(first).img"
-            #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: first)) == fileDigest(firstSnapshot))
+            #expect(try await sameBytes(drStore.imagePath(volume: "vm1", checkpoint: first), firstSnapshot))
             let resumeAt = try #require(drStore.partial(volume: "vm1")?.frames)
 
             let holders = try site.installation().openCatalog().holds().map(\.holder)
@@ -132,8 +132,7 @@ struct ReplicationTests {
             #expect(outcome.status == .applied)
             #expect(outcome.resumedAtFrame >= resumeAt && resumeAt > 0, "resumed at \(outcome.resumedAtFrame), receiver had \(resumeAt)")
             let id = try #require(outcome.checkpoint)
-            #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: id))
-                    == fileDigest("\(world.volume.snapshotDirectory)/\(id).img"))
+            #expect(try await sameBytes(drStore.imagePath(volume: "vm1", checkpoint: id), "\(world.volume.snapshotDirectory)/\(id).img"))
 
             // A scrub finds the copy whole; after damage it names the block; a full
             // replication of a new checkpoint gives a clean copy again.
@@ -159,8 +158,7 @@ struct ReplicationTests {
             #expect(comparedOutcome.base != nil && comparedOutcome.bytesRead == 2 * world.options.imageSize,
                     "base \(String(describing: comparedOutcome.base)), read \(comparedOutcome.bytesRead)")
             let comparedID = try #require(comparedOutcome.checkpoint)
-            #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: comparedID))
-                    == fileDigest("\(world.volume.snapshotDirectory)/\(comparedID).img"))
+            #expect(try await sameBytes(drStore.imagePath(volume: "vm1", checkpoint: comparedID), "\(world.volume.snapshotDirectory)/\(comparedID).img"))
         }
     }
 
@@ -191,8 +189,7 @@ struct ReplicationTests {
             #expect(replay.stderr.contains("nothing changed"))
             let drStore = try DRStore(root: store, create: false)
             #expect(drStore.checkpoints(volume: "vm1") == [ids[0], ids[1]])
-            #expect(try fileDigest(drStore.imagePath(volume: "vm1", checkpoint: ids[1]))
-                    == fileDigest("\(world.volume.snapshotDirectory)/\(ids[1]).img"))
+            #expect(try await sameBytes(drStore.imagePath(volume: "vm1", checkpoint: ids[1]), "\(world.volume.snapshotDirectory)/\(ids[1]).img"))
         }
     }
 
@@ -250,7 +247,7 @@ struct ReplicationTests {
             let trusted = try await site.runCLI(["replicate", "--target", "trusted", "--json"])
             #expect(trusted.status == 0, "\(trusted.stderr)")
             #expect(try decodeReport(trusted.stdout).outcomes.map(\.status) == [.applied])
-            #expect(try fileDigest("\(store)/vm1/\(id).img") == fileDigest("\(world.volume.snapshotDirectory)/\(id).img"))
+            #expect(try await sameBytes("\(store)/vm1/\(id).img", "\(world.volume.snapshotDirectory)/\(id).img"))
             let status = try await site.runCLI(["targets", "status", "--json"])
             #expect(status.stdout.contains(id))
     }
@@ -301,13 +298,23 @@ func churn(_ world: TestWorld, round: Int) throws -> UInt64 {
 }
 
 func randomFile(_ path: String, bytes count: Int) throws {
-    var bytes = [UInt8](repeating: 0, count: count)
-    var generator = SystemRandomNumberGenerator()
-    for index in stride(from: 0, to: count, by: 8) {
-        let value = generator.next()
-        withUnsafeBytes(of: value) { bytes.replaceSubrange(index..<min(index + 8, count), with: $0.prefix(count - index)) }
+    // One read of the kernel's generator: fast, and off the test's few cooperative threads' budget.
+    guard let source = FileHandle(forReadingAtPath: "/dev/urandom"),
+          let bytes = try source.read(upToCount: count), bytes.count == count else {
+        throw POSIXFailure("read /dev/urandom", EIO)
     }
-    try Data(bytes).write(to: URL(fileURLWithPath: path))
+    try bytes.write(to: URL(fileURLWithPath: path))
+}
+
+/// Whether two files hold the same bytes (SHA-256 of each, off the cooperative threads).
+func sameBytes(_ a: String, _ b: String) async throws -> Bool {
+    try await digest(a) == digest(b)
+}
+
+/// `fileDigest` on a thread of its own: hashing an image must not hold one of the test
+/// process's cooperative threads (other suites' timing depends on them).
+func digest(_ path: String) async throws -> String {
+    try await runBlocking { try fileDigest(path) }
 }
 
 /// SHA-256 of a whole file, streamed.

@@ -1,4 +1,5 @@
 import Foundation
+import NIOPosix
 import QuiesceTestSupport
 @testable import ReplicationTLS
 import Testing
@@ -16,7 +17,7 @@ struct TLSPipeTests {
             // handler's close arrived as EOF.
             let server = try TLSPipeServer.start(host: "127.0.0.1", port: 0, identity: certificates.server,
                                                  onRefused: log.refused) { fd, peer in
-                log.handlerStarted(peer: peer, thread: Thread.current.name ?? "")
+                log.handlerStarted(peer: peer, thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
                 var received = 0
                 var buffer = [UInt8](repeating: 0, count: 64 * 1024)
                 while true {
@@ -56,7 +57,9 @@ struct TLSPipeTests {
             #expect(state.peers.count == 1)
             #expect(state.peers.first?.hasPrefix("127.0.0.1:") == true)
             #expect(state.peers.first?.hasSuffix("(CN=quiesce-test-sender)") == true, "\(state.peers)")
-            #expect(state.threads.allSatisfy { $0.hasPrefix("quiesce-serve") }, "handler ran on \(state.threads)")
+            // Thread names are unreliable on Linux Foundation; what matters is that the blocking
+            // handler never runs on a NIO event loop.
+            #expect(state.threads == ["own thread"], "handler ran on \(state.threads)")
             #expect(state.refusals.isEmpty, "\(state.refusals)")
         }
     }
@@ -88,7 +91,7 @@ struct TLSPipeTests {
             let log = ServerLog()
             let server = try TLSPipeServer.start(host: "127.0.0.1", port: 0, identity: certificates.server,
                                                  onRefused: log.refused) { fd, peer in
-                log.handlerStarted(peer: peer, thread: Thread.current.name ?? "")
+                log.handlerStarted(peer: peer, thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
                 close(fd)
             }
             defer { server.shutdown() }
@@ -116,7 +119,7 @@ struct TLSPipeTests {
             let log = ServerLog()
             let server = try TLSPipeServer.start(host: "127.0.0.1", port: 0, identity: named,
                                                  onRefused: log.refused) { fd, peer in
-                log.handlerStarted(peer: peer, thread: Thread.current.name ?? "")
+                log.handlerStarted(peer: peer, thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
                 log.handlerFinished(received: readToEOF(fd).count)
                 close(fd)
             }
@@ -167,7 +170,7 @@ struct TLSPipeTests {
         let log = ServerLog()
         let server = try TLSPipeServer.start(host: "127.0.0.1", port: 0, identity: certificates.server,
                                              onRefused: log.refused) { fd, peer in
-            log.handlerStarted(peer: peer, thread: Thread.current.name ?? "")
+            log.handlerStarted(peer: peer, thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
             _ = writeAll(fd, Array("welcome\n".utf8)[...])
             close(fd)
         }
