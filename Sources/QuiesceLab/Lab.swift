@@ -173,9 +173,16 @@ public struct Lab: Sendable {
     }
 
     /// Workload processes of a `lab demo` that was killed keep the guest busy: stop them.
+    /// Set in the environment of every workload process (and so of what they start) to the
+    /// lab's root: how `down` finds workloads a killed `demo` left behind.
+    public static let workloadMarker = "QUIESCE_LAB_WORKLOAD"
+
     func stopStrayWorkloads() async {
-        let pids = Self.processes { cmdline in
-            cmdline.contains("lab-workload") && cmdline.contains(layout.root + "/")
+        let marker = Array("\(Self.workloadMarker)=\(layout.root)".utf8)
+        let pids = Self.processes { pid, cmdline in
+            if cmdline.contains("lab-workload") && cmdline.contains(layout.root + "/") { return true }
+            guard let environment = KernelFile.read("/proc/\(pid)/environ") else { return false }
+            return environment.split(separator: 0).contains { Array($0) == marker }
         }
         for pid in pids { kill(pid, SIGTERM) }
         for _ in 0..<50 where pids.contains(where: { kill($0, 0) == 0 }) {
@@ -186,13 +193,18 @@ public struct Lab: Sendable {
 
     /// Process ids whose command line (NUL-separated arguments joined by spaces) matches.
     static func processes(matching predicate: (String) -> Bool) -> [pid_t] {
+        processes { _, cmdline in predicate(cmdline) }
+    }
+
+    /// Process ids for which `predicate(pid, command line)` holds.
+    static func processes(_ predicate: (pid_t, String) -> Bool) -> [pid_t] {
         let own = getpid()
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
         return entries.compactMap { entry -> pid_t? in
             guard let pid = pid_t(entry), pid != own,
                   let data = KernelFile.read("/proc/\(entry)/cmdline"), !data.isEmpty else { return nil }
             let cmdline = String(decoding: data.map { $0 == 0 ? UInt8(ascii: " ") : $0 }, as: UTF8.self)
-            return predicate(cmdline) ? pid : nil
+            return predicate(pid, cmdline) ? pid : nil
         }
     }
 

@@ -101,6 +101,7 @@ public struct SQLiteLabApplication: LabApplication {
         for db in databases(lab) {
             for n in 1...max(1, insertersPerDatabase) {
                 let process = try ChildProcess(executable, ["lab-workload", "sqlite", "--database", db.file, "--table", db.table],
+                                               extraEnvironment: [Lab.workloadMarker: lab.root],
                                                stdin: .null, stdout: .pipe, stderr: .inherit)
                 workloads.append(LabWorkload(name: "\(db.writer) inserter \(n)", process: process))
             }

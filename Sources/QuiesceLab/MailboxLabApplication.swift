@@ -75,7 +75,8 @@ public struct MailboxLabApplication: LabApplication {
                 """
             let process = try ChildProcess("/bin/sh", ["-c", script],
                                            environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "USER": user,
-                                                         "HOME": "\(root(lab))/\(user)", "CONFIG": config(lab)],
+                                                         "HOME": "\(root(lab))/\(user)", "CONFIG": config(lab),
+                                                         Lab.workloadMarker: lab.root],
                                            stdin: .null, stdout: .pipe, stderr: .null)
             return LabWorkload(name: "dovecot-lda to \(user)", process: process)
         }

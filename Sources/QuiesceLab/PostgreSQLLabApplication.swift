@@ -131,7 +131,8 @@ public struct PostgreSQLLabApplication: LabApplication {
             wait $p
             finish
             """
-        let process = try ChildProcess("/bin/sh", ["-c", script], stdin: .null, stdout: .pipe, stderr: .null)
+        let process = try ChildProcess("/bin/sh", ["-c", script], extraEnvironment: [Lab.workloadMarker: lab.root],
+                                       stdin: .null, stdout: .pipe, stderr: .null)
         return [LabWorkload(name: "pgbench (\(clients) clients)", process: process)]
     }
 

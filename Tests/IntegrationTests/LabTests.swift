@@ -235,6 +235,9 @@ struct LabTests {
             lab.expectGone()
             let strays = processes { $0.contains("lab-workload") && $0.contains(lab.root + "/") }
             #expect(strays.isEmpty, "workload processes left running: \(strays)")
+            // The pgbench and dovecot-lda loops are shells: found by the marker in their environment.
+            let marked = workloadProcesses(of: lab.root)
+            #expect(marked.isEmpty, "workload processes (pgbench, deliveries) left running: \(marked)")
         }
     }
 
@@ -459,6 +462,17 @@ private enum HookCalls {
 }
 
 /// Process ids whose command line (arguments joined by spaces) matches.
+/// Processes whose environment carries the lab's workload marker.
+private func workloadProcesses(of root: String) -> [pid_t] {
+    let marker = Array("\(Lab.workloadMarker)=\(root)".utf8)
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.compactMap { entry -> pid_t? in
+        guard let pid = pid_t(entry), pid != getpid(),
+              let environment = FileManager.default.contents(atPath: "/proc/\(entry)/environ") else { return nil }
+        return environment.split(separator: 0).contains { Array($0) == marker } ? pid : nil
+    }
+}
+
 private func processes(_ predicate: (String) -> Bool) -> [pid_t] {
     let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
     return entries.compactMap { entry -> pid_t? in
