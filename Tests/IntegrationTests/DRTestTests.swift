@@ -199,25 +199,9 @@ struct DRTestTests {
 private func images(_ store: String) throws -> [String: String] {
     var digests: [String: String] = [:]
     for name in try FileManager.default.contentsOfDirectory(atPath: store + "/vm1") where name.hasSuffix(".img") {
-        digests[name] = try sha256(of: store + "/vm1/" + name)
+        digests[name] = try fileDigest(store + "/vm1/" + name)
     }
     return digests
-}
-
-/// SHA-256 of a whole file, streamed.
-private func sha256(of path: String) throws -> String {
-    let fd = open(path, O_RDONLY)
-    guard fd >= 0 else { throw POSIXFailure("open \(path)", errno) }
-    defer { close(fd) }
-    var digest = SHA256Digest()
-    var buffer = [UInt8](repeating: 0, count: 4 << 20)
-    while true {
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard n >= 0 else { throw POSIXFailure("read \(path)", errno) }
-        if n == 0 { break }
-        buffer.withUnsafeBytes { digest.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
-    }
-    return digest.finish().map { String(format: "%02x", $0) }.joined()
 }
 
 /// No mount, loop device or process of a DR test, and no `.drtest`.
