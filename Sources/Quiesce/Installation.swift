@@ -163,6 +163,8 @@ public struct Installation: Sendable {
         public var keptForTargets: [String]
     }
 
+    static let pruneBatch = 500
+
     /// Deletes all but the newest `keep` completed checkpoints (snapshot files, then rows),
     /// never one that a DR target still needs as its base.
     public func prune(keep: Int) throws -> PruneReport {
@@ -170,14 +172,19 @@ public struct Installation: Sendable {
         defer { lock.release() }
         let catalog = try openCatalog()
         var report = PruneReport(deleted: [], keptForTargets: try catalog.holds().map(\.checkpointID))
-        for record in try catalog.pruneCandidates(keep: keep) {
-            for snapshot in record.snapshots {
-                let provider = configuration.volumes.first { $0.name == snapshot.volume }
-                    .flatMap { Providers.all[$0.provider] } ?? Providers.all["reflink"]!
-                try provider.delete(snapshot)
+        // Snapshot files first, then the rows, a batch per transaction.
+        let candidates = try catalog.pruneCandidates(keep: keep)
+        for start in stride(from: 0, to: candidates.count, by: Self.pruneBatch) {
+            let batch = candidates[start..<min(start + Self.pruneBatch, candidates.count)]
+            for record in batch {
+                for snapshot in record.snapshots {
+                    let provider = configuration.volumes.first { $0.name == snapshot.volume }
+                        .flatMap { Providers.all[$0.provider] } ?? Providers.all["reflink"]!
+                    try provider.delete(snapshot)
+                }
             }
-            try catalog.delete(checkpointID: record.id)
-            report.deleted.append(record.id)
+            try catalog.delete(checkpointIDs: batch.map(\.id))
+            report.deleted += batch.map(\.id)
         }
         return report
     }

@@ -357,23 +357,33 @@ public final class Catalog: CheckpointJournal, Sendable {
     /// Removes a checkpoint's rows (its snapshot files are the caller's). Refuses a held
     /// checkpoint (`.checkpointHeld`, naming the holders) and a running one.
     public func delete(checkpointID: String) throws {
-        try write("delete checkpoint \(checkpointID)") { db in
-            guard let row = try db.query("SELECT seq, outcome FROM checkpoints WHERE id = ?", [.text(checkpointID)]).first,
-                  let seq = row[0].int else {
-                throw CatalogError.unknownCheckpoint(path: path, id: checkpointID)
+        try delete(checkpointIDs: [checkpointID])
+    }
+
+    /// Removes several checkpoints' rows in one transaction (a prune of thousands would
+    /// otherwise hold the catalog for a commit per checkpoint); all or none.
+    public func delete(checkpointIDs: [String]) throws {
+        guard !checkpointIDs.isEmpty else { return }
+        let what = checkpointIDs.count == 1 ? "checkpoint \(checkpointIDs[0])" : "\(checkpointIDs.count) checkpoints"
+        try write("delete \(what)") { db in
+            for checkpointID in checkpointIDs {
+                guard let row = try db.query("SELECT seq, outcome FROM checkpoints WHERE id = ?", [.text(checkpointID)]).first,
+                      let seq = row[0].int else {
+                    throw CatalogError.unknownCheckpoint(path: path, id: checkpointID)
+                }
+                if row[1].text == CheckpointRecord.Outcome.running.rawValue {
+                    throw CatalogError.checkpointRunning(path: path, id: checkpointID)
+                }
+                let holders = try db.query("SELECT holder FROM retention_holds WHERE checkpoint = ? ORDER BY holder",
+                                           [.integer(seq)]).compactMap { $0[0].text }
+                if !holders.isEmpty {
+                    throw CatalogError.checkpointHeld(path: path, id: checkpointID, holders: holders)
+                }
+                for table in ["checkpoint_writers", "snapshot_files"] {
+                    try db.query("DELETE FROM \(table) WHERE checkpoint = ?", [.integer(seq)])
+                }
+                try db.query("DELETE FROM checkpoints WHERE seq = ?", [.integer(seq)])
             }
-            if row[1].text == CheckpointRecord.Outcome.running.rawValue {
-                throw CatalogError.checkpointRunning(path: path, id: checkpointID)
-            }
-            let holders = try db.query("SELECT holder FROM retention_holds WHERE checkpoint = ? ORDER BY holder",
-                                       [.integer(seq)]).compactMap { $0[0].text }
-            if !holders.isEmpty {
-                throw CatalogError.checkpointHeld(path: path, id: checkpointID, holders: holders)
-            }
-            for table in ["checkpoint_writers", "snapshot_files"] {
-                try db.query("DELETE FROM \(table) WHERE checkpoint = ?", [.integer(seq)])
-            }
-            try db.query("DELETE FROM checkpoints WHERE seq = ?", [.integer(seq)])
         }
     }
 
