@@ -211,6 +211,11 @@ public final class SSHServer: Sendable {
     }
 
     private static func writeConfig(directory: String, port: Int, hostKey: String) throws {
+        // Sessions get a HOME of their own: bash run by sshd sources ~/.bashrc, and a user's
+        // profile (root's pyenv here, whose rehash lock a killed session leaves behind for
+        // 60 s) must not decide how long a test's remote command takes.
+        let home = directory + "/home"
+        try FileManager.default.createDirectory(atPath: home, withIntermediateDirectories: true)
         try """
             # A test's own sshd (QuiesceTestSupport.SSHServer).
             ListenAddress 127.0.0.1
@@ -235,6 +240,7 @@ public final class SSHServer: Sendable {
             LogLevel ERROR
             MaxStartups 50
             MaxSessions 50
+            SetEnv HOME=\(home)
 
             """.write(toFile: directory + "/sshd_config", atomically: true, encoding: .utf8)
     }
