@@ -214,32 +214,33 @@ public enum FailoverPromotion {
                          + "PostgreSQL's recovery files were not written (\(postgres.map(\.name).joined(separator: ", ")))"])
         }
         let work = try makeWorkDirectory(besides: image)
-        defer { rmdir(work) }
-        let device = try await LoopDevice.attach(file: image)
+        let copy: MountedCopy
+        do {
+            copy = try await MountedCopy.mountInPlace([(volume: volume, image: image, liveMount: liveMount)], in: work)
+        } catch {
+            rmdir(work)
+            throw error
+        }
         var writers: [PromotionReport.WriterRecovery] = []
         var warnings: [String] = []
         var failure: (any Error)?
-        do {
-            try await MountedCopy.mountCopy(device, at: work)
-            let layout = CopyLayout(mounts: [liveMount: work])
-            for writer in postgres {
-                do {
-                    let (recovery, notes) = try postgresRecovery(writer, layout: layout, mountPoint: work, restoreCommand: restoreCommand)
-                    if let recovery { writers.append(recovery) }
-                    warnings += notes
-                } catch {
-                    failure = error
-                    break
-                }
+        let mountPoint = copy.volumes[0].mountPoint!
+        for writer in postgres {
+            do {
+                let (recovery, notes) = try postgresRecovery(writer, layout: copy.layout, mountPoint: mountPoint,
+                                                             restoreCommand: restoreCommand)
+                if let recovery { writers.append(recovery) }
+                warnings += notes
+            } catch {
+                failure = error
+                break
             }
-            _ = try? await ChildProcess.run("sync", ["-f", work], timeout: .seconds(120))
-        } catch {
-            failure = error
         }
-        if Mounts.isMounted(work) {
-            do { try await Mounts.unmount(work) } catch { failure = failure ?? error }
+        _ = try? await ChildProcess.run("sync", ["-f", mountPoint], timeout: .seconds(120))
+        let problems = await copy.release()
+        if failure == nil, !problems.isEmpty {
+            failure = PromotionError.failed("cannot release \(image): \(problems.joined(separator: "; "))")
         }
-        do { try await LoopDevice.detach(device) } catch { failure = failure ?? error }
         if let failure { throw failure }
         return (writers, warnings)
     }

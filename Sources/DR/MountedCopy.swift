@@ -10,6 +10,7 @@ import QuiesceSystem
 public struct MountedCopy: Codable, Sendable, Equatable {
     public struct Volume: Codable, Sendable, Equatable {
         public var name: String
+        /// The file attached: a clone (`make`), or the image itself (`mountInPlace`).
         public var clone: String
         public var device: String?
         public var mountPoint: String?
@@ -40,19 +41,39 @@ public struct MountedCopy: Codable, Sendable, Equatable {
             for item in images {
                 let clone = "\(directory)/\(item.volume).img"
                 try cloneFile(item.image, to: clone)
-                copy.volumes.append(Volume(name: item.volume, clone: clone, device: nil, mountPoint: nil, liveMount: item.liveMount))
-                let device = try await LoopDevice.attach(file: clone)
-                copy.volumes[copy.volumes.count - 1].device = device
-                let mountPoint = "\(directory)/\(item.volume)"
-                try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
-                try await mountCopy(device, at: mountPoint)
-                copy.volumes[copy.volumes.count - 1].mountPoint = mountPoint
+                try await copy.attachAndMount(item.volume, file: clone, liveMount: item.liveMount)
             }
         } catch {
             _ = await copy.release()
             throw error
         }
         return copy
+    }
+
+    /// Attaches and mounts the images themselves (no clone: writes go into them) below the
+    /// existing `directory`; `release` unmounts, detaches and removes `directory`, never the images.
+    public static func mountInPlace(_ images: [(volume: String, image: String, liveMount: String?)],
+                                    in directory: String) async throws -> MountedCopy {
+        var copy = MountedCopy(directory: directory, volumes: [])
+        do {
+            for item in images {
+                try await copy.attachAndMount(item.volume, file: item.image, liveMount: item.liveMount)
+            }
+        } catch {
+            _ = await copy.release()
+            throw error
+        }
+        return copy
+    }
+
+    private mutating func attachAndMount(_ name: String, file: String, liveMount: String?) async throws {
+        volumes.append(Volume(name: name, clone: file, device: nil, mountPoint: nil, liveMount: liveMount))
+        let device = try await LoopDevice.attach(file: file)
+        volumes[volumes.count - 1].device = device
+        let mountPoint = "\(directory)/\(name)"
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        try await Self.mountCopy(device, at: mountPoint)
+        volumes[volumes.count - 1].mountPoint = mountPoint
     }
 
     /// Unmounts, detaches and deletes the clones and the directory; returns what went wrong.
