@@ -335,8 +335,9 @@ public final class DeltaReader {
     }
 
     /// Fills `buffer` from `offset`, stopping early only at the end of the file; returns the bytes read.
-    private static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
-                             path: String) throws -> Int {
+    /// Fills `buffer` from `offset` (short only at the end of the file); errors name the file.
+    static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
+                     path: String) throws -> Int {
         var done = 0
         while done < buffer.count {
             let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))

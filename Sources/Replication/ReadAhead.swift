@@ -85,19 +85,8 @@ final class ReadAhead: @unchecked Sendable {
     }
 
     private func read(_ piece: Piece) throws -> [UInt8] {
-        var filled = 0
-        let bytes = try [UInt8](unsafeUninitializedCapacity: piece.length) { buffer, initialized in
-            while filled < piece.length {
-                let n = pread(fd, buffer.baseAddress! + filled, piece.length - filled, off_t(piece.offset) + off_t(filled))
-                if n < 0, errno == EINTR { continue }
-                guard n >= 0 else {
-                    throw DeltaReadError(file: path, offset: piece.offset + UInt64(filled), "cannot read", code: errno)
-                }
-                if n == 0 { break }
-                filled += n
-            }
-            initialized = filled
+        try [UInt8](unsafeUninitializedCapacity: piece.length) { buffer, initialized in
+            initialized = try DeltaReader.read(fd, into: UnsafeMutableRawBufferPointer(buffer), at: piece.offset, path: path)
         }
-        return bytes
     }
 }
