@@ -67,9 +67,11 @@ enum Dotlock {
         }
         let text = readSmall(lockPath) ?? ""
         let now = time(nil)
+        // How long this lock file has existed tells one stuck holder from a stream of short ones.
+        let age = max(0, now - info.st_mtim.tv_sec)
         if let pid = localPID(text) {
             if kill(pid, 0) == 0 || errno != ESRCH {
-                return .busy(holder: "process \(pid)" + (pid == getpid() ? " (this quiesce)" : ""))
+                return .busy(holder: "process \(pid)" + (pid == getpid() ? " (this quiesce)" : "") + ", lock \(age) s old")
             }
             // Dead owner: override it, unless it was replaced meanwhile (Dovecot re-checks too).
             var again = stat()
@@ -90,7 +92,7 @@ enum Dotlock {
             return .removedStale("it names no live process of this host (\(text.isEmpty ? "empty" : "\"\(text)\"")) "
                                  + "and nothing changed for \(now - lastChange) s (stale after \(staleSeconds) s)")
         }
-        return .busy(holder: text.isEmpty ? "an unnamed holder" : "\"\(text)\"")
+        return .busy(holder: (text.isEmpty ? "an unnamed holder" : "\"\(text)\"") + ", lock \(age) s old")
     }
 
     /// `pid` when `text` is `pid:host` for this host.
