@@ -59,6 +59,9 @@ public struct DRVerification: Sendable, Codable, Equatable {
     public var verifiedAt: Date
     public var writers: [WriterVerdict]
     public var problems: [String]
+    /// Housekeeping before this verify: what an abandoned verify had left (mounts, loop
+    /// devices, applications) and whether it could be cleaned up. Not about this copy.
+    public var cleanup: [String]?
 
     /// One line per failure, naming the writer and the reason.
     public var failures: [String] {
@@ -118,6 +121,10 @@ public struct DRVerifier: Sendable {
             (volume: volume, image: store.imagePath(volume: volume, checkpoint: id),
              liveMount: environment?.volumes.first { $0.name == volume }?.mount)
         }
+        // A verify killed midway (its receiver given up on, a crash) leaves its copy mounted
+        // and maybe an application running on it: the next verify in this store cleans up.
+        let (swept, stuck) = await MountedCopy.sweepAbandoned(in: "\(store.root)/.work", prefix: "verify-")
+        if !(swept + stuck).isEmpty { result.cleanup = swept + stuck.map { "left for the next verify: \($0)" } }
         let copy = try await MountedCopy.make(images, in: "\(store.root)/.work/verify-\(id)-\(getpid())")
         let (verdicts, problems) = await CopyVerification.run(record, writers: writers, layout: copy.layout)
         result.writers = verdicts

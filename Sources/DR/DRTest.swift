@@ -315,31 +315,12 @@ public struct DRTest: Sendable {
         return report
     }
 
-    /// Unmounts every mount below `.drtest` (deepest first), then detaches every loop device
-    /// backed by a file below it. Never detaches by a remembered device name: the kernel may
-    /// have given that number to someone else since.
+    /// Unmounts every mount below `.drtest`, then detaches every loop device backed by a file
+    /// below it; applications were stopped by their writers first, so nothing is killed here.
     func releaseCopy(_ done: inout [String]) async -> [String] {
-        var problems: [String] = []
-        for mountPoint in Mounts.mountPoints(under: directory).reversed() {
-            do {
-                try await Mounts.unmount(mountPoint)
-                done.append("unmounted \(mountPoint)")
-            } catch {
-                problems.append("cannot unmount \(mountPoint): \(error) (a process still uses it? `fuser -vm \(mountPoint)`; then run `quiesce dr test stop` again)")
-            }
-        }
-        guard problems.isEmpty else { return problems }
-        for loop in LoopDevice.all() {
-            let backing = loop.backing.hasSuffix(" (deleted)") ? String(loop.backing.dropLast(10)) : loop.backing
-            guard backing.hasPrefix(directory + "/") else { continue }
-            do {
-                try await LoopDevice.detach(loop.device)
-                done.append("detached \(loop.device) and discarded the clone \(backing)")
-            } catch {
-                problems.append("cannot detach \(loop.device) (\(backing)): \(error)")
-            }
-        }
-        return problems
+        let (released, problems) = await MountedCopy.releaseEverything(under: directory, killingUsers: false)
+        done += released
+        return problems.map { $0.hasSuffix("`)") ? $0 + "; then run `quiesce dr test stop` again" : $0 }
     }
 
     // MARK: state

@@ -93,6 +93,66 @@ public struct MountedCopy: Codable, Sendable, Equatable {
         return problems
     }
 
+    /// Releases whatever is left below `directory` by a process that died holding it (a
+    /// receiver killed during a verify, a crash, a power loss): kills processes still using
+    /// it when asked (an application started on the copy), unmounts every mount below it
+    /// (deepest first), then detaches every loop device backed by a file below it. Never
+    /// detaches by a remembered device name: the kernel may have given that number to
+    /// someone else since. Returns what it did and what it could not do.
+    public static func releaseEverything(under directory: String, killingUsers: Bool) async -> (done: [String], problems: [String]) {
+        var done: [String] = [], problems: [String] = []
+        if killingUsers {
+            let users = Processes.using(directory)
+            for pid in users { kill(pid, SIGKILL) }
+            for _ in 0..<100 where users.contains(where: Processes.isAlive) { try? await Task.sleep(for: .milliseconds(50)) }
+            if !users.isEmpty { done.append("killed \(users.count) process(es) left running on \(directory): \(users.map(String.init).joined(separator: ", "))") }
+        }
+        for mountPoint in Mounts.mountPoints(under: directory).reversed() {
+            do {
+                try await Mounts.unmount(mountPoint)
+                done.append("unmounted \(mountPoint)")
+            } catch {
+                problems.append("cannot unmount \(mountPoint): \(error) (a process still uses it? `fuser -vm \(mountPoint)`)")
+            }
+        }
+        guard problems.isEmpty else { return (done, problems) }
+        for loop in LoopDevice.all() {
+            let backing = loop.backing.hasSuffix(" (deleted)") ? String(loop.backing.dropLast(10)) : loop.backing
+            guard backing.hasPrefix(directory + "/") else { continue }
+            do {
+                try await LoopDevice.detach(loop.device)
+                done.append("detached \(loop.device) and discarded the clone \(backing)")
+            } catch {
+                problems.append("cannot detach \(loop.device) (\(backing)): \(error)")
+            }
+        }
+        return (done, problems)
+    }
+
+    /// Cleans up the work directories (`<prefix>…-<pid>`) below `parent` whose process is
+    /// gone: what a killed verify left mounted, attached and running. Returns what it did
+    /// and what it could not do (left for the next sweep).
+    public static func sweepAbandoned(in parent: String, prefix: String) async -> (done: [String], problems: [String]) {
+        var done: [String] = [], problems: [String] = []
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []
+        for entry in entries.sorted() where entry.hasPrefix(prefix) {
+            guard let dash = entry.lastIndex(of: "-"), let pid = pid_t(entry[entry.index(after: dash)...]), pid > 0,
+                  !Processes.isAlive(pid) else { continue }
+            let directory = "\(parent)/\(entry)"
+            let (released, failed) = await releaseEverything(under: directory, killingUsers: true)
+            done += released
+            problems += failed
+            guard failed.isEmpty else { continue }
+            do {
+                try FileManager.default.removeItem(atPath: directory)
+                done.append("removed \(directory), left by process \(pid), which is gone")
+            } catch {
+                problems.append("cannot remove \(directory): \(error.localizedDescription)")
+            }
+        }
+        return (done, problems)
+    }
+
     static func cloneFile(_ source: String, to destination: String) throws {
         let input = open(source, O_RDONLY | O_CLOEXEC)
         guard input >= 0 else { throw DRError("cannot open \(source): \(String(cString: strerror(errno)))") }

@@ -372,14 +372,16 @@ extension Installation {
         case .file(let path):
             return try ReceiverConnection.spawn(name: name, executable: guardExecutable,
                                                 arguments: ["receive", "--session", "--store", path] + keep,
-                                                compressionLevel: target.compressionLevel, bytesPerSecond: target.bytesPerSecond)
+                                                compressionLevel: target.compressionLevel, bytesPerSecond: target.bytesPerSecond,
+                                                idleTimeout: target.timeout)
         case .ssh(let user, let host, let port, let path):
             var arguments = ["-T", "-o", "BatchMode=yes"] + target.sshOptions
             if let port { arguments += ["-p", String(port)] }
             arguments.append(user.map { "\($0)@\(host)" } ?? host)
             arguments += [target.remoteCommand, "receive", "--session", "--store", shellQuoted(path)] + keep
             return try ReceiverConnection.spawn(name: name, executable: "ssh", arguments: arguments,
-                                                compressionLevel: target.compressionLevel, bytesPerSecond: target.bytesPerSecond)
+                                                compressionLevel: target.compressionLevel, bytesPerSecond: target.bytesPerSecond,
+                                                idleTimeout: target.timeout)
         case .tls(let host, let port):
             guard let files = target.tls else { throw ReplicationError("target \(target.name) has no cert/key/ca") }
             let fd = try TLSPipeClient.connect(host: host, port: port,
@@ -387,7 +389,7 @@ extension Installation {
                                                                      trustedCA: files.trustedCA),
                                                serverName: files.serverName)
             return ReceiverConnection.socket(name: name, fd: fd, compressionLevel: target.compressionLevel,
-                                             bytesPerSecond: target.bytesPerSecond)
+                                             bytesPerSecond: target.bytesPerSecond, idleTimeout: target.timeout)
         }
     }
 }

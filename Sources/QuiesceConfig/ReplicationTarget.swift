@@ -1,4 +1,5 @@
 import Foundation
+import QuiesceCore
 
 /// A DR destination (`[[target]]`): where deltas go, how, and at what pace.
 ///
@@ -11,6 +12,7 @@ import Foundation
 /// compress = "zstd"                            # or "none" (default)
 /// bandwidth_limit = "50MiB/s"
 /// keep = 7                                     # checkpoints the DR store keeps per volume
+/// timeout = "2m"                               # give up on a target that takes no bytes and says nothing this long
 /// ```
 public struct ReplicationTarget: Sendable, Equatable {
     public enum Transport: Sendable, Equatable {
@@ -45,9 +47,14 @@ public struct ReplicationTarget: Sendable, Equatable {
     /// The receiver verifies each checkpoint it applies (`receive --verify`); for `quiesce://`
     /// targets the server decides (`serve --verify`).
     public var verify = false
+    /// How long a send waits for the target to take bytes or answer (it answers slow work,
+    /// like a verify, with keepalives) before giving up on it: a hung receiver never hangs
+    /// `replicate`, or the other targets it sends to at once.
+    public var timeout: Duration = ReplicationTarget.defaultTimeout
 
     public static let defaultKeep = 7
     public static let defaultPort = 7420
+    public static let defaultTimeout: Duration = .seconds(120)
 
     public init(name: String, url: String, transport: Transport, compressionLevel: Int32? = nil, bytesPerSecond: UInt64? = nil,
                 keep: Int = ReplicationTarget.defaultKeep, sshOptions: [String] = [], remoteCommand: String = "quiesce",
@@ -64,7 +71,7 @@ public struct ReplicationTarget: Sendable, Equatable {
     }
 
     static let keys = ["name", "url", "compress", "compress_level", "bandwidth_limit", "keep", "ssh_options", "remote_command",
-                       "cert", "key", "ca", "server_name", "verify"]
+                       "cert", "key", "ca", "server_name", "verify", "timeout"]
 
     static func read(_ section: Section) throws -> ReplicationTarget {
         try section.refuseUnknownKeys(keys)
@@ -94,6 +101,12 @@ public struct ReplicationTarget: Sendable, Equatable {
         if let keep = try section.integer("keep") {
             guard keep >= 1 else { throw section.error("keep", "must be at least 1 (the DR copy itself), found \(keep)") }
             target.keep = Int(keep)
+        }
+        if let timeout = try section.duration("timeout") {
+            guard timeout >= .seconds(1) else {
+                throw section.error("timeout", "must be at least 1 s, found \(formatDuration(timeout))")
+            }
+            target.timeout = timeout
         }
         if let verify = try section.boolean("verify") {
             if case .tls = transport {

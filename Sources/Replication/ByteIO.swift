@@ -1,4 +1,5 @@
 import Foundation
+import QuiesceCore
 
 /// Where a stream's bytes come from: stdin, a pipe from ssh, a socket glued to TLS.
 public protocol ByteSource: AnyObject {
@@ -43,26 +44,35 @@ extension ByteSource {
     }
 }
 
-/// A file descriptor as a byte source and sink, with blocking reads and complete writes.
+/// A file descriptor as a byte source and sink, with complete writes.
+///
+/// With an `idleTimeout`, a read or write that makes no progress for that long throws
+/// instead of waiting forever on a peer that hangs (a stuck receiver, a silent network):
+/// the descriptor is switched to non-blocking mode, so it must be one this process owns
+/// (a pipe to a child, a socket), never an inherited stdin/stdout.
 public final class FileDescriptorStream: ByteSource, ByteSink {
     public let fd: Int32
     private let what: String
+    private let idleTimeout: Duration?
     private var buffer: [UInt8]
     private var start = 0
     private var end = 0
 
     /// `what` names the peer in errors ("stdin", "ssh dr-host").
-    public init(fd: Int32, what: String) {
+    public init(fd: Int32, what: String, idleTimeout: Duration? = nil) {
         self.fd = fd
         self.what = what
+        self.idleTimeout = idleTimeout
         self.buffer = [UInt8](repeating: 0, count: 256 << 10)
+        if idleTimeout != nil { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
     }
 
     public func read(upTo count: Int) throws -> [UInt8] {
-        if start == end {
+        while start == end {
             let n = buffer.withUnsafeMutableBytes { Foundation.read(fd, $0.baseAddress, $0.count) }
             if n < 0 {
-                if errno == EINTR { return try read(upTo: count) }
+                if errno == EINTR { continue }
+                if errno == EAGAIN { try awaitReady(POLLIN, doing: "sent nothing"); continue }
                 throw DeltaStreamError.transport("reading from \(what): \(String(cString: strerror(errno)))")
             }
             if n == 0 { return [] }
@@ -80,10 +90,31 @@ public final class FileDescriptorStream: ByteSource, ByteSink {
             let n = Foundation.write(fd, bytes.baseAddress! + done, bytes.count - done)
             if n < 0 {
                 if errno == EINTR { continue }
+                if errno == EAGAIN { try awaitReady(POLLOUT, doing: "took no bytes"); continue }
                 let reason = errno == EPIPE ? "the other side closed the connection" : String(cString: strerror(errno))
                 throw DeltaStreamError.transport("writing to \(what): \(reason)")
             }
             done += n
+        }
+    }
+
+    /// Waits until the descriptor can make progress, at most `idleTimeout`.
+    private func awaitReady(_ events: Int32, doing stalled: String) throws {
+        guard let idleTimeout else { return }
+        let deadline = ContinuousClock.now + idleTimeout
+        while true {
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else {
+                throw DeltaStreamError.transport("\(what) \(stalled) for \(formatDuration(idleTimeout)): giving up on it "
+                    + "(a hung receiver or a silent network; the target's `timeout` sets how long to wait)")
+            }
+            var entry = pollfd(fd: fd, events: Int16(events), revents: 0)
+            let milliseconds = Int32(clamping: max(1, (left.components.seconds * 1000) + left.components.attoseconds / 1_000_000_000_000_000))
+            let ready = poll(&entry, 1, milliseconds)
+            if ready > 0 { return }
+            if ready < 0 && errno != EINTR {
+                throw DeltaStreamError.transport("waiting for \(what): \(String(cString: strerror(errno)))")
+            }
         }
     }
 }

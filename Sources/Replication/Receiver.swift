@@ -9,6 +9,8 @@ struct SessionRequest: Codable {
     var version: Int?
     var checkpoint: String?
     var blockSize: Int?
+    /// hello: how often the sender wants a keepalive while the receiver works on an answer (seconds).
+    var keepalive: Double?
 }
 
 struct SessionReply: Codable {
@@ -21,9 +23,65 @@ struct SessionReply: Codable {
     var applied: ReceiveSummary?
     /// Block hashes of a checkpoint image (scrub), hex, concatenated.
     var hashes: String?
+    /// Not an answer: the receiver is still working on one (cloning a base, finishing an
+    /// apply, verifying, hashing), so the sender's idle timeout starts again.
+    var keepalive: Bool?
 
     static func failure(_ error: Error) -> SessionReply {
         SessionReply(ok: false, error: "\(error)")
+    }
+
+    /// The reply as one line of JSON.
+    static func line(_ reply: SessionReply) throws -> [UInt8] {
+        var line = [UInt8](try JSONEncoder().encode(reply))
+        line.append(UInt8(ascii: "\n"))
+        return line
+    }
+}
+
+/// Sends keepalive lines while the receiver works on an answer, so a sender waiting with an
+/// idle timeout can tell slow work from a hung receiver. Only while the sender waits for an
+/// answer: keepalives sent while it streams would pile up unread in the pipe.
+final class Heartbeat: @unchecked Sendable {
+    private let sink: ByteSink
+    /// Set from the sender's hello; before the body of `beating` only.
+    var interval: Duration = .seconds(10)
+    private let condition = NSCondition()
+    private var working = false
+
+    init(sink: ByteSink) { self.sink = sink }
+
+    /// Runs `body`, sending a keepalive every `interval` until it returns.
+    func beating<T>(_ body: () throws -> T) rethrows -> T {
+        let line = (try? SessionReply.line(SessionReply(ok: true, keepalive: true))) ?? []
+        let interval = self.interval
+        let stopped = DispatchSemaphore(value: 0)
+        condition.lock()
+        working = true
+        condition.unlock()
+        let thread = Thread { [self] in
+            condition.lock()
+            while working {
+                if !condition.wait(until: Date(timeIntervalSinceNow: interval.seconds)), working {
+                    // The sink is this thread's while the body works (the reply comes after it
+                    // stopped); a failed write means the sender left, which the reply will find.
+                    condition.unlock()
+                    try? sink.write(line)
+                    condition.lock()
+                }
+            }
+            condition.unlock()
+            stopped.signal()
+        }
+        thread.start()
+        defer {
+            condition.lock()
+            working = false
+            condition.signal()
+            condition.unlock()
+            stopped.wait()
+        }
+        return try body()
     }
 }
 
@@ -62,10 +120,9 @@ public enum Receiver {
     public static func serve(source: ByteSource, sink: ByteSink, store: DRStore, keep: Int,
                              verify: ((ReceiveSummary) -> VerificationOutcome)? = nil,
                              log: (String) -> Void = { _ in }) throws {
+        let heartbeat = Heartbeat(sink: sink)
         func reply(_ message: SessionReply) throws {
-            var line = [UInt8](try JSONEncoder().encode(message))
-            line.append(UInt8(ascii: "\n"))
-            try sink.write(line)
+            try sink.write(try SessionReply.line(message))
         }
         while let line = try source.readLine() {
             guard let request = try? JSONDecoder().decode(SessionRequest.self, from: Data(line.utf8)) else {
@@ -78,6 +135,7 @@ public enum Receiver {
                     try reply(.failure(DeltaStreamError.malformed("hello without a volume")))
                     return
                 }
+                if let seconds = request.keepalive, seconds.isFinite, seconds > 0 { heartbeat.interval = .milliseconds(Int64(seconds * 1000)) }
                 do {
                     try DeltaStreamHeader.validateName(volume, what: "volume name")
                     try reply(SessionReply(ok: true, checkpoints: store.checkpoints(volume: volume), partial: store.partial(volume: volume)))
@@ -90,7 +148,8 @@ public enum Receiver {
                 let decoder: FrameDecoder
                 do {
                     let (header, headerBytes) = try DeltaStreamHeader.read(from: source)
-                    applier = try DeltaApplier(store: store, header: header, headerBytes: headerBytes)
+                    // Cloning the base (or copying it, without reflinks) may take a while.
+                    applier = try heartbeat.beating { try DeltaApplier(store: store, header: header, headerBytes: headerBytes) }
                     decoder = FrameDecoder(header: header)
                 } catch {
                     log("refused a stream: \(error)")
@@ -99,9 +158,10 @@ public enum Receiver {
                 }
                 try reply(SessionReply(ok: true, resume: applier.resumeFrame, chain: applier.resumeChain.hex))
                 do {
-                    var summary = try apply(from: source, applier: applier, decoder: decoder, chain: applier.resumeChain, keep: keep)
+                    var summary = try apply(from: source, applier: applier, decoder: decoder, chain: applier.resumeChain, keep: keep,
+                                            heartbeat: heartbeat)
                     log("applied \(summary.checkpoint) of \(summary.volume): \(summary.frames - summary.resumedAtFrame) frames")
-                    summary.verification = verify?(summary)
+                    if let verify { summary.verification = heartbeat.beating { verify(summary) } }
                     try reply(SessionReply(ok: true, applied: summary))
                 } catch {
                     log("stream for \(applier.header.target) stopped: \(error)")
@@ -121,7 +181,8 @@ public enum Receiver {
                     guard store.checkpoints(volume: volume).contains(checkpoint) else {
                         throw DeltaStreamError.rejected("the store has no checkpoint \(checkpoint) of volume \(volume)")
                     }
-                    let hashes = try BlockHashes.compute(store.imagePath(volume: volume, checkpoint: checkpoint), blockSize: blockSize)
+                    let image = store.imagePath(volume: volume, checkpoint: checkpoint)
+                    let hashes = try heartbeat.beating { try BlockHashes.compute(image, blockSize: blockSize) }
                     try reply(SessionReply(ok: true, hashes: BlockHashes.encode(hashes)))
                 } catch {
                     try reply(.failure(error))
@@ -139,7 +200,7 @@ public enum Receiver {
     /// Applies frames from `applier.resumeFrame` on; on any failure makes what was applied
     /// durable (so the next run resumes after it) and rethrows.
     static func apply(from source: ByteSource, applier: DeltaApplier, decoder: FrameDecoder, chain start: DigestChain,
-                      keep: Int) throws -> ReceiveSummary {
+                      keep: Int, heartbeat: Heartbeat? = nil) throws -> ReceiveSummary {
         var chain = start
         var sequence = applier.resumeFrame
         do {
@@ -154,7 +215,9 @@ public enum Receiver {
                     chain.append(frame)
                     try applier.applied(through: sequence, chain: chain)
                 case .trailer(_, let trailer):
-                    return try applier.finish(trailer, frames: sequence, chain: chain, keep: keep)
+                    // The digest check, fsyncs and renames: the sender waits for the answer meanwhile.
+                    let finish = { try applier.finish(trailer, frames: sequence, chain: chain, keep: keep) }
+                    return try heartbeat.map { try $0.beating(finish) } ?? finish()
                 }
                 sequence += 1
             }

@@ -8,8 +8,9 @@ import Synchronization
 public enum ReceiverConnection {
     /// Starts `executable arguments` (a receiver speaking the session protocol on its
     /// stdin/stdout) and opens a session with it.
+    /// `idleTimeout`: how long to wait for the receiver to take bytes or answer.
     public static func spawn(name: String, executable: String, arguments: [String], compressionLevel: Int32?,
-                             bytesPerSecond: UInt64?) throws -> ReceiverSession {
+                             bytesPerSecond: UInt64?, idleTimeout: Duration?) throws -> ReceiverSession {
         let child: ChildProcess
         do {
             child = try ChildProcess(executable, arguments, stdin: .pipe, stdout: .pipe, stderr: .pipe)
@@ -17,22 +18,29 @@ public enum ReceiverConnection {
             throw DeltaStreamError.transport("\(name): cannot start \(executable): \(error)")
         }
         let errors = StderrCollector(fd: child.stderrFD)
-        let stream = FileDescriptorStream(fd: child.stdoutFD, what: name)
-        let input = FileDescriptorStream(fd: child.stdinFD, what: name)
+        let stream = FileDescriptorStream(fd: child.stdoutFD, what: name, idleTimeout: idleTimeout)
+        let input = FileDescriptorStream(fd: child.stdinFD, what: name, idleTimeout: idleTimeout)
         let sink: ByteSink = bytesPerSecond.map { RateLimitedSink(input, bytesPerSecond: $0) } ?? input
-        return ReceiverSession(name: name, source: stream, sink: sink, compressionLevel: compressionLevel,
+        return ReceiverSession(name: name, source: stream, sink: sink, compressionLevel: compressionLevel, idleTimeout: idleTimeout,
                                diagnostics: { errors.text(waitingFor: child) }, onClose: {
                                    child.closeStdin()
-                                   _ = child.wait()
+                                   // A receiver that ignores the end of its input is not waited for forever.
+                                   let deadline = ContinuousClock.now + (idleTimeout ?? .seconds(3600))
+                                   while child.poll() == nil, ContinuousClock.now < deadline { usleep(10_000) }
+                                   if child.poll() == nil {
+                                       child.signal(SIGKILL)
+                                       child.wait()
+                                   }
                                    errors.finish()
                                })
     }
 
     /// A session over a connected socket (the TLS pipe's local end); closes it at the end.
-    public static func socket(name: String, fd: Int32, compressionLevel: Int32?, bytesPerSecond: UInt64?) -> ReceiverSession {
-        let stream = FileDescriptorStream(fd: fd, what: name)
+    public static func socket(name: String, fd: Int32, compressionLevel: Int32?, bytesPerSecond: UInt64?,
+                              idleTimeout: Duration?) -> ReceiverSession {
+        let stream = FileDescriptorStream(fd: fd, what: name, idleTimeout: idleTimeout)
         let sink: ByteSink = bytesPerSecond.map { RateLimitedSink(stream, bytesPerSecond: $0) } ?? stream
-        return ReceiverSession(name: name, source: stream, sink: sink, compressionLevel: compressionLevel,
+        return ReceiverSession(name: name, source: stream, sink: sink, compressionLevel: compressionLevel, idleTimeout: idleTimeout,
                                onClose: { close(fd) })
     }
 }

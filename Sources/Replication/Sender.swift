@@ -18,8 +18,11 @@ public protocol FrameDestination: AnyObject {
     /// the receiver's durable progress says (0 and the header's chain for a pipe).
     func begin(_ header: DeltaStreamHeader) throws -> (frame: UInt64, chain: DigestChain)
     func send(_ frame: EncodedFrame) throws
-    /// Sends the trailer; a session returns the receiver's report.
-    func end(_ trailer: EncodedFrame) throws -> ReceiveSummary?
+    /// Sends the trailer. The report is read apart (`awaitApplied`), so that every target
+    /// gets its trailer first and finishes (and verifies) side by side with the others.
+    func sendTrailer(_ trailer: EncodedFrame) throws
+    /// A session's receiver report on the stream; nil for a pipe.
+    func awaitApplied() throws -> ReceiveSummary?
     /// Bytes written so far.
     var bytesSent: UInt64 { get }
 }
@@ -43,10 +46,8 @@ public final class PipeDestination: FrameDestination {
     }
 
     public func send(_ frame: EncodedFrame) throws { try sink.write(frame.bytes) }
-    public func end(_ trailer: EncodedFrame) throws -> ReceiveSummary? {
-        try sink.write(trailer.bytes)
-        return nil
-    }
+    public func sendTrailer(_ trailer: EncodedFrame) throws { try sink.write(trailer.bytes) }
+    public func awaitApplied() throws -> ReceiveSummary? { nil }
     public var bytesSent: UInt64 { sink.count }
 }
 
@@ -58,12 +59,17 @@ public final class ReceiverSession: FrameDestination {
     private let sink: CountingSink
     private let onClose: () -> Void
     private let diagnostics: () -> String
+    /// How often the receiver should show it is alive while it works on an answer.
+    private let keepaliveInterval: Duration?
 
     /// `sink` may be rate-limited; `onClose` closes the pipe and reaps the peer;
     /// `diagnostics` says what the peer printed (ssh's complaint, say) when it went away.
-    public init(name: String, source: ByteSource, sink: ByteSink, compressionLevel: Int32?,
+    /// `idleTimeout` is the one `source` and `sink` enforce: the receiver is asked for a
+    /// keepalive four times within it while it works.
+    public init(name: String, source: ByteSource, sink: ByteSink, compressionLevel: Int32?, idleTimeout: Duration? = nil,
                 diagnostics: @escaping () -> String = { "" }, onClose: @escaping () -> Void) {
         self.name = name
+        self.keepaliveInterval = idleTimeout.map { $0 / 4 }
         self.source = source
         self.sink = CountingSink(sink)
         self.compressionLevel = compressionLevel
@@ -74,7 +80,8 @@ public final class ReceiverSession: FrameDestination {
     public var bytesSent: UInt64 { sink.count }
 
     public func hello(volume: String) throws -> ReceiverState {
-        try request(SessionRequest(op: "hello", volume: volume, version: DeltaStreamHeader.currentVersion))
+        try request(SessionRequest(op: "hello", volume: volume, version: DeltaStreamHeader.currentVersion,
+                                   keepalive: keepaliveInterval?.seconds))
         let reply = try readReply("hello")
         return ReceiverState(checkpoints: reply.checkpoints ?? [], partial: reply.partial)
     }
@@ -91,8 +98,9 @@ public final class ReceiverSession: FrameDestination {
 
     public func send(_ frame: EncodedFrame) throws { try sink.write(frame.bytes) }
 
-    public func end(_ trailer: EncodedFrame) throws -> ReceiveSummary? {
-        try sink.write(trailer.bytes)
+    public func sendTrailer(_ trailer: EncodedFrame) throws { try sink.write(trailer.bytes) }
+
+    public func awaitApplied() throws -> ReceiveSummary? {
         let reply = try readReply("the trailer")
         guard let applied = reply.applied else { throw DeltaStreamError.malformed("\(name) did not report the applied checkpoint") }
         return applied
@@ -125,15 +133,18 @@ public final class ReceiverSession: FrameDestination {
     }
 
     private func readReply(_ what: String, lineLimit: Int = 1 << 20) throws -> SessionReply {
-        guard let line = try source.readLine(limit: lineLimit) else {
-            let said = diagnostics()
-            throw DeltaStreamError.transport("\(name) closed the connection while answering \(what)" + (said.isEmpty ? "" : ": \(said)"))
+        while true {
+            guard let line = try source.readLine(limit: lineLimit) else {
+                let said = diagnostics()
+                throw DeltaStreamError.transport("\(name) closed the connection while answering \(what)" + (said.isEmpty ? "" : ": \(said)"))
+            }
+            guard let reply = try? JSONDecoder().decode(SessionReply.self, from: Data(line.utf8)) else {
+                throw DeltaStreamError.malformed("\(name) answered \(what) with \(line.prefix(80)) (is the remote quiesce the same version?)")
+            }
+            if reply.keepalive == true { continue }
+            guard reply.ok else { throw DeltaStreamError.peer(reply.error ?? "unspecified error") }
+            return reply
         }
-        guard let reply = try? JSONDecoder().decode(SessionReply.self, from: Data(line.utf8)) else {
-            throw DeltaStreamError.malformed("\(name) answered \(what) with \(line.prefix(80)) (is the remote quiesce the same version?)")
-        }
-        guard reply.ok else { throw DeltaStreamError.peer(reply.error ?? "unspecified error") }
-        return reply
     }
 }
 
@@ -256,7 +267,15 @@ public enum DeltaSender {
             do {
                 let trailer = DeltaTrailer(frames: sequence, dataBytes: dataBytes, zeroBytes: zeroBytes,
                                            digest: lane.chain.hex, manifest: plan.manifest, environment: plan.environment)
-                lane.applied = try lane.destination.end(try plainEncoder.trailer(trailer, sequence: sequence))
+                try lane.destination.sendTrailer(try plainEncoder.trailer(trailer, sequence: sequence))
+            } catch {
+                lane.error = "\(error)"
+            }
+        }
+        // Every receiver is finishing (and verifying) by now; collect their reports.
+        for lane in lanes where lane.error == nil {
+            do {
+                lane.applied = try lane.destination.awaitApplied()
             } catch {
                 lane.error = "\(error)"
             }

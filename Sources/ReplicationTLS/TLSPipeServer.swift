@@ -63,6 +63,12 @@ public final class TLSPipeServer: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // A sender that vanished without closing (power loss, a partition) would otherwise
+            // hold its volume's receive lock forever: probe after 60 s idle, drop after 6 × 10 s.
+            .childChannelOption(.socketOption(.so_keepalive), value: 1)
+            .childChannelOption(.tcpOption(TCP_KEEPIDLE), value: 60)
+            .childChannelOption(.tcpOption(TCP_KEEPINTVL), value: 10)
+            .childChannelOption(.tcpOption(TCP_KEEPCNT), value: 6)
             .childChannelInitializer { channel in
                 let peerAddress = channel.remoteAddress.map(describeAddress) ?? "unknown peer"
                 let established = channel.eventLoop.makePromise(of: EstablishedPipe.self)
@@ -159,4 +165,11 @@ private final class ShutdownGate: @unchecked Sendable {
 func describeAddress(_ address: SocketAddress) -> String {
     guard let ip = address.ipAddress, let port = address.port else { return "\(address)" }
     return address.protocol == .inet6 ? "[\(ip)]:\(port)" : "\(ip):\(port)"
+}
+
+extension ChannelOption where Self == ChannelOptions.Types.SocketOption {
+    /// An `IPPROTO_TCP` level option (NIO names only `TCP_NODELAY`).
+    static func tcpOption(_ name: Int32) -> Self {
+        ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: name))
+    }
 }

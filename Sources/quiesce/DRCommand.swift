@@ -57,6 +57,7 @@ enum DRReportText {
             lines += writer.details.map { "    \($0)" }
         }
         lines += result.problems.map { "  problem: \($0)" }
+        lines += (result.cleanup ?? []).map { "  cleanup: \($0)" }
         return lines.joined(separator: "\n")
     }
 }

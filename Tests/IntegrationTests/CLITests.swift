@@ -11,7 +11,7 @@ struct CLITests {
             let site = try TestSite(world)
             let frozenMark = world.path("frozen")
             let release = world.path("release")
-            FileManager.default.createFile(atPath: release, contents: nil)
+            _ = FileManager.default.createFile(atPath: release, contents: nil)
             // The first run's writer stays frozen until the test lets it go.
             try site.addExecWriter("app", timeout: "60s", onFreeze: "touch \(frozenMark); while [ -e \(release) ]; do sleep 0.05; done")
             let first = try site.startCLI(["checkpoint", "--label", "first"])

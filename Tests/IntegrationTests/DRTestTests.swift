@@ -251,10 +251,6 @@ private func decode<T: Decodable>(_ type: T.Type, _ json: String) throws -> T {
     return try decoder.decode(type, from: Data(json.utf8))
 }
 
-private func quiesce(_ arguments: [String], timeout: Duration = .seconds(180)) async throws -> CommandResult {
-    try await ChildProcess.run(try Executables.requireQuiesce(), arguments, timeout: timeout)
-}
-
 private func shown(_ result: CommandResult) -> String {
     "exit \(result.status)\(result.timedOut ? " (timed out)" : "")\n--- stdout\n\(result.stdout)\n--- stderr\n\(result.stderr)"
 }

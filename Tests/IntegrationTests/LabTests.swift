@@ -414,10 +414,6 @@ private func processStartTime(_ pid: pid_t) -> String? {
 // MARK: helpers
 
 /// Runs the built `quiesce` with `arguments`.
-private func quiesce(_ arguments: [String], timeout: Duration = .seconds(180)) async throws -> CommandResult {
-    try await ChildProcess.run(try Executables.requireQuiesce(), arguments, timeout: timeout)
-}
-
 /// A command's exit status and output, for failure messages.
 private func shown(_ result: CommandResult) -> String {
     "exit \(result.status)\(result.timedOut ? " (timed out)" : "")\n--- stdout\n\(result.stdout)\n--- stderr\n\(result.stderr)"

@@ -162,6 +162,127 @@ struct ReplicationTests {
         }
     }
 
+    /// A receiver that takes the session and never answers is given up on after the target's
+    /// `timeout`, while a receiver whose verify takes longer than that (answering with
+    /// keepalives meanwhile) is waited for: `replicate` ends, the healthy target is served.
+    @Test func hungReceiverIsGivenUpAfterTheTimeoutWhileASlowVerifyIsWaitedFor() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 64 << 20)) { world in
+            try await SSHServer.with { server in
+                let site = try TestSite(world)
+                let dr = try await mountDRFilesystem(world)
+                // A writer whose DR verify takes 3 s: three times the healthy target's timeout.
+                let script = world.path("slow-verify")
+                try """
+                    #!/bin/sh
+                    [ "$1" = verify ] && sleep 3
+                    exit 0
+
+                    """.write(toFile: script, atomically: true, encoding: .utf8)
+                chmod(script, 0o755)
+                try """
+                    name = "slow"
+                    type = "exec"
+                    command = "\(script)"
+                    volume = "\(world.volume.name)"
+                    verify = true
+
+                    """.write(toFile: "\(site.writersDirectory)/slow.toml", atomically: true, encoding: .utf8)
+                chmod("\(site.writersDirectory)/slow.toml", 0o600)
+                // The hung receiver: reads everything it is sent and never answers.
+                let hung = world.path("hung-receiver")
+                try "#!/bin/sh\nexec cat > /dev/null\n".write(toFile: hung, atomically: true, encoding: .utf8)
+                chmod(hung, 0o755)
+                try site.addTargets("""
+                    [[target]]
+                    name = "healthy"
+                    url = "file://\(dr)/healthy"
+                    verify = true
+                    timeout = "1s"
+
+                    [[target]]
+                    name = "hung"
+                    url = "ssh://root@127.0.0.1\(dr)/hung"
+                    ssh_options = [\(server.clientOptions.map { "\"\($0)\"" }.joined(separator: ", "))]
+                    remote_command = "\(hung)"
+                    timeout = "2s"
+                    """)
+                _ = try churn(world, round: 1)
+                #expect(try await site.runCLI(["checkpoint"]).status == 0)
+                let result = try await site.runCLI(["replicate", "--json"])
+                #expect(result.status == 8, "\(result.stderr)")
+                let outcomes = try decodeReport(result.stdout).outcomes
+                let healthy = try #require(outcomes.first { $0.target == "healthy" })
+                #expect(healthy.status == .applied && healthy.verified == true, "\(healthy)")
+                let failed = try #require(outcomes.first { $0.target == "hung" })
+                #expect(failed.status == .failed)
+                #expect(failed.error?.contains("target hung sent nothing for 2 s") == true, "\(failed.error ?? "")")
+                #expect(result.stderr.contains("target hung"), "\(result.stderr)")
+                // The hung receiver's ssh session was ended, not left behind.
+                #expect(await eventually(within: .seconds(10)) { !processRunning(commandContaining: hung) })
+            }
+        }
+    }
+
+    /// A verify killed midway (a receiver given up on, a crash) leaves its copy mounted with
+    /// an application running on it; the next verify in the store cleans that up first.
+    @Test func verifyKilledMidwayLeavesNothingAfterTheNextVerify() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 64 << 20)) { world in
+            let site = try TestSite(world)
+            let dr = try await mountDRFilesystem(world)
+            let store = "\(dr)/store"
+            let (stall, started) = (world.path("stall"), world.path("verify-started"))
+            let script = world.path("stalling-verify")
+            // While `stall` exists, verify leaves a process working inside the copy and waits.
+            try """
+                #!/bin/sh
+                if [ "$1" = verify ] && [ -e \(stall) ]; then
+                    cd "$2" && sleep 120 &
+                    touch \(started)
+                    wait
+                fi
+                exit 0
+
+                """.write(toFile: script, atomically: true, encoding: .utf8)
+            chmod(script, 0o755)
+            try """
+                name = "app"
+                type = "exec"
+                command = "\(script)"
+                volume = "\(world.volume.name)"
+                verify = true
+                timeout = "3m"
+
+                """.write(toFile: "\(site.writersDirectory)/app.toml", atomically: true, encoding: .utf8)
+            chmod("\(site.writersDirectory)/app.toml", 0o600)
+            try site.addTargets("""
+                [[target]]
+                name = "dr"
+                url = "file://\(store)"
+                """)
+            _ = try churn(world, round: 1)
+            #expect(try await site.runCLI(["checkpoint", "--replicate"]).status == 0)
+
+            FileManager.default.createFile(atPath: stall, contents: nil)
+            let verifier = try ChildProcess(try Executables.requireQuiesce(), ["dr", "verify", "--store", store],
+                                            stdin: .null, stdout: .null, stderr: .null)
+            #expect(await eventually(within: .seconds(60)) { FileManager.default.fileExists(atPath: started) }, "verify never ran")
+            verifier.signal(SIGKILL, group: false)
+            verifier.wait()
+            let work = "\(store)/.work"
+            #expect(!Mounts.mountPoints(under: work).isEmpty, "the killed verify left no mount: the test proves nothing")
+            #expect(!Processes.using(work).isEmpty, "nothing runs on the abandoned copy: the test proves nothing")
+
+            try FileManager.default.removeItem(atPath: stall)
+            let again = try await quiesce(["dr", "verify", "--store", store, "--json"])
+            #expect(again.status == 0, "\(again.stderr)")
+            #expect(again.stdout.contains("unmounted") && again.stdout.contains("killed 1 process"), "\(again.stdout)")
+            #expect(Mounts.mountPoints(under: work).isEmpty)
+            #expect(Processes.using(work).isEmpty)
+            #expect(!LoopDevice.all().contains { $0.backing.hasPrefix(work + "/") })
+            #expect(((try? FileManager.default.contentsOfDirectory(atPath: work)) ?? []).isEmpty)
+        }
+    }
+
     @Test func pipedStreamsForTheWrongBaseOrAlreadyAppliedAreRefusedWithExit65() async throws {
         try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 128 << 20)) { world in
             let site = try TestSite(world)
@@ -344,5 +465,14 @@ func receiverRunning(_ store: String) -> Bool {
         guard pid.allSatisfy(\.isNumber), let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
         let words = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
         return words.contains("receive") && words.contains(store)
+    }
+}
+
+/// Whether a process whose command line contains `text` runs on this host.
+func processRunning(commandContaining text: String) -> Bool {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.contains { entry in
+        guard Int32(entry) != nil, let line = try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(entry)/cmdline")) else { return false }
+        return String(decoding: line.map { $0 == 0 ? 32 : $0 }, as: UTF8.self).contains(text)
     }
 }

@@ -101,6 +101,11 @@ struct TestSite: Sendable {
     }
 }
 
+/// Runs `quiesce ARGS` without a site's config (the DR side's commands) to completion.
+func quiesce(_ arguments: [String], timeout: Duration = .seconds(180)) async throws -> CommandResult {
+    try await ChildProcess.run(try Executables.requireQuiesce(), arguments, timeout: timeout)
+}
+
 /// Waits until `condition` holds, polling; false at the deadline.
 func eventually(within limit: Duration, every step: Duration = .milliseconds(20), _ condition: () -> Bool) async -> Bool {
     let deadline = ContinuousClock.now + limit

@@ -35,8 +35,14 @@ import Testing
         let destination = PipeDestination(name: "memory", sink: sink, compressionLevel: compression)
         var header = header ?? DeltaStreamHeader(volume: "vm1", imageSize: imageSize, base: nil, target: checkpoint)
         header.compression = compression == nil ? "none" : "zstd"
+        try send(chunks, to: destination, header: header)
+        return sink.bytes
+    }
+
+    /// Header, one frame per chunk from frame 0, trailer.
+    static func send(_ chunks: [DeltaChunk], to destination: FrameDestination, header: DeltaStreamHeader) throws {
         var (_, chain) = try destination.begin(header)
-        let encoder = FrameEncoder(compressionLevel: compression)
+        let encoder = FrameEncoder(compressionLevel: destination.compressionLevel)
         var data: UInt64 = 0, zero: UInt64 = 0
         for (sequence, chunk) in chunks.enumerated() {
             let frame = encoder.encode(chunk, sequence: UInt64(sequence))
@@ -46,8 +52,7 @@ import Testing
         }
         let trailer = DeltaTrailer(frames: UInt64(chunks.count), dataBytes: data, zeroBytes: zero, digest: chain.hex,
                                    manifest: CheckpointRecord(id: header.target, label: nil, startedAt: Date()))
-        _ = try destination.end(try encoder.trailer(trailer, sequence: UInt64(chunks.count)))
-        return sink.bytes
+        try destination.sendTrailer(try encoder.trailer(trailer, sequence: UInt64(chunks.count)))
     }
 
     static func receive(_ bytes: [UInt8], into store: DRStore) throws -> ReceiveSummary {
