@@ -119,6 +119,7 @@ struct ConfigurationTests {
             ssh_options = ["-i", "/etc/quiesce/key"]
             compress = "zstd"
             bandwidth_limit = "50MiB/s"
+            timeout = "30s"
 
             [[target]]
             name = "tls"
@@ -134,6 +135,8 @@ struct ConfigurationTests {
         #expect(config.targets[1].compressionLevel == 1)
         #expect(config.targets[1].bytesPerSecond == 50 << 20)
         #expect(config.targets[1].sshOptions == ["-i", "/etc/quiesce/key"])
+        #expect(config.targets[1].timeout == .seconds(30))
+        #expect(config.targets[0].timeout == ReplicationTarget.defaultTimeout)
         #expect(config.targets[2].transport == .tls(host: "dr-host", port: ReplicationTarget.defaultPort))
         #expect(config.targets[2].tls?.trustedCA == "/etc/quiesce/ca.pem")
     }
@@ -149,6 +152,8 @@ struct ConfigurationTests {
         expectRefused(target + "url = \"file:///d\"\ncompress = \"gzip\"\n", line: 8, key: "compress", "expected \"zstd\" or \"none\"")
         expectRefused(target + "url = \"file:///d\"\nbandwidth_limit = \"fast\"\n", line: 8, key: "bandwidth_limit", "a rate like")
         expectRefused(target + "url = \"file:///d\"\nkeep = 0\n", line: 8, key: "keep", "at least 1")
+        expectRefused(target + "url = \"file:///d\"\ntimeout = \"500ms\"\n", line: 8, key: "timeout", "at least 1 s, found 500 ms")
+        expectRefused(target + "url = \"file:///d\"\ntimeout = \"soon\"\n", line: 8, key: "timeout", "a duration like")
         expectRefused(target + "url = \"file:///d\"\nurll = 1\n", line: 8, key: "urll", "did you mean \"url\"?")
         expectRefused(target + "url = \"file:///d\"\n" + "[[target]]\nname = \"dr1\"\nurl = \"file:///e\"\n", line: 5, key: "target",
                       "two targets are named \"dr1\"")
