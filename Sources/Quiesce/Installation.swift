@@ -147,8 +147,9 @@ public struct Installation: Sendable {
 
     // MARK: checkpoints
 
-    public func listCheckpoints(limit: Int?) throws -> [CheckpointRecord] {
-        try openCatalog().checkpoints(limit: limit)
+    /// Without `details`: no writers and snapshot files (the text listing needs neither).
+    public func listCheckpoints(limit: Int?, details: Bool = true) throws -> [CheckpointRecord] {
+        try openCatalog().checkpoints(limit: limit, details: details)
     }
 
     public func showCheckpoint(id: String) throws -> CheckpointRecord {

@@ -117,12 +117,20 @@ public enum Receiver {
     /// Serves one session: answers each `hello` with what the store has, applies each
     /// stream from where the store's durable progress stands, and reports back, until
     /// the sender closes. A failed stream ends the session (its bytes cannot be trusted).
+    /// `allowed` limits the volumes this sender (`client`, for messages) may touch.
     public static func serve(source: ByteSource, sink: ByteSink, store: DRStore, keep: Int,
                              verify: ((ReceiveSummary) -> VerificationOutcome)? = nil,
+                             allowed: VolumeScope = .all, client: String = "this sender",
                              log: (String) -> Void = { _ in }) throws {
         let heartbeat = Heartbeat(sink: sink)
         func reply(_ message: SessionReply) throws {
             try sink.write(try SessionReply.line(message))
+        }
+        func permit(_ volume: String) throws {
+            guard allowed.allows(volume) else {
+                throw DeltaStreamError.rejected("\(client) may not send volume \(volume) to this receiver "
+                                                + "(the receiver's `quiesce serve --allow` rules)")
+            }
         }
         while let line = try source.readLine() {
             guard let request = try? JSONDecoder().decode(SessionRequest.self, from: Data(line.utf8)) else {
@@ -138,8 +146,10 @@ public enum Receiver {
                 if let seconds = request.keepalive, seconds.isFinite, seconds > 0 { heartbeat.interval = .milliseconds(Int64(seconds * 1000)) }
                 do {
                     try DeltaStreamHeader.validateName(volume, what: "volume name")
+                    try permit(volume)
                     try reply(SessionReply(ok: true, checkpoints: store.checkpoints(volume: volume), partial: store.partial(volume: volume)))
                 } catch {
+                    log("refused: \(error)")
                     try reply(.failure(error))
                     return
                 }
@@ -148,6 +158,7 @@ public enum Receiver {
                 let decoder: FrameDecoder
                 do {
                     let (header, headerBytes) = try DeltaStreamHeader.read(from: source)
+                    try permit(header.volume)
                     // Cloning the base (or copying it, without reflinks) may take a while.
                     applier = try heartbeat.beating { try DeltaApplier(store: store, header: header, headerBytes: headerBytes) }
                     decoder = FrameDecoder(header: header)
@@ -178,6 +189,7 @@ public enum Receiver {
                 do {
                     try DeltaStreamHeader.validateName(volume, what: "volume name")
                     try DeltaStreamHeader.validateName(checkpoint, what: "checkpoint id")
+                    try permit(volume)
                     guard store.checkpoints(volume: volume).contains(checkpoint) else {
                         throw DeltaStreamError.rejected("the store has no checkpoint \(checkpoint) of volume \(volume)")
                     }

@@ -9,11 +9,22 @@ import NIOCore
 import NIOSSL
 import NIOTLS
 
+/// Who is on the other side of an authenticated connection.
+public struct TLSPeer: Sendable, CustomStringConvertible {
+    /// "127.0.0.1:40122".
+    public var address: String
+    /// The common name of the peer's certificate (the CA vouched for it), if it has one.
+    public var commonName: String?
+
+    /// "127.0.0.1:40122 (CN=dr-sender)".
+    public var description: String { address + (commonName.map { " (CN=\($0))" } ?? "") }
+}
+
 /// A connection whose TLS handshake completed: the caller's end of the socketpair and who is on
-/// the other side ("127.0.0.1:40122 (CN=dr-sender)").
+/// the other side.
 struct EstablishedPipe: Sendable {
     var socket: CInt
-    var peer: String
+    var peer: TLSPeer
 }
 
 /// The handshake did not finish before its deadline.
@@ -86,13 +97,13 @@ final class HandshakeHandler: ChannelInboundHandler {
     }
 
     /// The remote address and, when there is one, the common name of the peer's certificate.
-    private static func describePeer(_ context: ChannelHandlerContext) -> String {
-        var text = context.channel.remoteAddress.map(describeAddress) ?? "unknown peer"
+    private static func describePeer(_ context: ChannelHandlerContext) -> TLSPeer {
+        var peer = TLSPeer(address: context.channel.remoteAddress.map(describeAddress) ?? "unknown peer")
         if let certificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate(),
            let name = certificate.subjectName.first(where: { $0.type == .commonName }) {
-            text += " (CN=\(name.value))"
+            peer.commonName = "\(name.value)"
         }
-        return text
+        return peer
     }
 }
 

@@ -41,15 +41,15 @@ public final class TLSPipeServer: Sendable {
     ///   - onRefused: told about each connection dropped before its handshake completed (no or an
     ///     untrusted client certificate, a client that does not trust this server, a timeout), on
     ///     the event loop: it must return at once (log and return).
-    ///   - handler: gets each authenticated connection's socket and a description of the peer
-    ///     ("127.0.0.1:40122 (CN=dr-sender)"), on a thread of its own; it must close the socket.
+    ///   - handler: gets each authenticated connection's socket and its peer (address and the
+    ///     certificate's common name), on a thread of its own; it must close the socket.
     /// - Throws: `TLSPipeError.unusableIdentity` when a PEM file cannot be used,
     ///   `TLSPipeError.cannotListen` when the address cannot be bound.
     public static func start(
         host: String, port: Int, identity: TLSIdentity,
         handshakeTimeout: Double = 30,
         onRefused: (@Sendable (_ peer: String, _ reason: TLSPipeError) -> Void)? = nil,
-        handler: @escaping @Sendable (_ fd: Int32, _ peer: String) -> Void
+        handler: @escaping @Sendable (_ fd: Int32, _ peer: TLSPeer) -> Void
     ) throws(TLSPipeError) -> TLSPipeServer {
         let loaded = try LoadedIdentity(trustedCA: identity.trustedCA, certificate: identity.certificate,
                                         privateKey: identity.privateKey)

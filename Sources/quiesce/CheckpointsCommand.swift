@@ -17,7 +17,7 @@ struct CheckpointsCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await CLI.run {
-                let records = try options.installation().listCheckpoints(limit: last)
+                let records = try options.installation().listCheckpoints(limit: last, details: json)
                 if json { return try CLI.printJSON(records) }
                 print("ID                   OUTCOME    FREEZE      HOLD        LABEL")
                 for r in records {

@@ -143,7 +143,7 @@ struct ServeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve",
         abstract: "Run the receiver as a daemon: accept senders over TCP with mutual TLS.",
-        discussion: "Only clients presenting a certificate signed by --client-ca are served. Each connection applies streams to the store like `quiesce receive`; one stream per volume at a time."
+        discussion: "Only clients presenting a certificate signed by --client-ca are served; with --allow, each only for the volumes listed for its certificate's common name (a DR site serving several primaries keeps each to its own volumes). Each connection applies streams to the store like `quiesce receive`; one stream per volume at a time."
     )
 
     @OptionGroup var storeOptions: StoreOptions
@@ -160,6 +160,11 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .customLong("client-ca"), help: ArgumentHelp("The CA that signs the senders' certificates (PEM).", valueName: "path"))
     var clientCA: String
 
+    @Option(name: .customLong("allow"), help: ArgumentHelp(
+        "The client whose certificate's common name is NAME may send these volumes (* for all); repeatable. Without any, every client the CA signed may send every volume.",
+        valueName: "NAME=VOLUME[,VOLUME…]"))
+    var allow: [String] = []
+
     func run() async throws {
         try await CLI.run {
             CLI.bootstrapLogging(verbose: false)
@@ -169,6 +174,8 @@ struct ServeCommand: AsyncParsableCommand {
                 throw UsageError("--listen must be host:port, found \"\(listen)\"")
             }
             let host = String(listen[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+            let authorization: ClientAuthorization
+            do { authorization = try ClientAuthorization(parsing: allow) } catch { throw UsageError("\(error)") }
             let store = try storeOptions.open()
             let keep = storeOptions.keep
             let storeOptions = self.storeOptions
@@ -178,14 +185,16 @@ struct ServeCommand: AsyncParsableCommand {
                                                  onRefused: { peer, reason in
                                                      FileHandle.standardError.write(Data("quiesce serve: refused \(peer): \(reason)\n".utf8))
                                                  }) { fd, peer in
-                let stream = FileDescriptorStream(fd: fd, what: peer)
+                let stream = FileDescriptorStream(fd: fd, what: "\(peer)")
                 defer { close(fd) }
                 do {
                     let log: @Sendable (String) -> Void = { message in
                         FileHandle.standardError.write(Data("quiesce serve: \(peer): \(message)\n".utf8))
                     }
                     try Receiver.serve(source: stream, sink: stream, store: store, keep: keep,
-                                       verify: verifier(store, log), log: log)
+                                       verify: verifier(store, log), allowed: authorization.scope(for: peer.commonName),
+                                       client: peer.commonName.map { "the client CN=\($0)" } ?? "a client without a common name",
+                                       log: log)
                 } catch {
                     FileHandle.standardError.write(Data("quiesce serve: \(peer): \(error)\n".utf8))
                 }

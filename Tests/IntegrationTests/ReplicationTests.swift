@@ -324,7 +324,10 @@ struct ReplicationTests {
             let server = try ChildProcess(try Executables.requireQuiesce(), [
                 "serve", "--listen", "127.0.0.1:\(port)", "--store", store,
                 "--cert", certificates.serverCert, "--key", certificates.serverKey, "--client-ca", certificates.ca,
-            ], stdin: .null, stdout: .null, stderr: .null)
+                // This primary's certificate may send vm1 (and a volume it does not have); the
+                // other primary's, from the same CA, only its own volume.
+                "--allow", "quiesce-test-sender=vm1,vm9", "--allow", "other-primary=vm2",
+            ], stdin: .null, stdout: .null, stderr: .pipe)
             do {
                 try await replicateOverTLS(site, world: world, certificates: certificates, port: port, store: store)
             } catch {
@@ -334,6 +337,9 @@ struct ReplicationTests {
             }
             server.signal(SIGTERM)
             _ = server.wait()
+            // The DR side's operator sees who was refused and why.
+            let said = String(decoding: FileHandle(fileDescriptor: server.stderrFD).readDataToEndOfFile(), as: UTF8.self)
+            #expect(said.contains("(CN=other-primary): refused:") && said.contains("may not send volume vm1"), "\(said)")
         }
     }
 
@@ -355,6 +361,13 @@ struct ReplicationTests {
                 cert = "\(certificates.rogueClientCert)"
                 key = "\(certificates.rogueClientKey)"
                 ca = "\(certificates.ca)"
+
+                [[target]]
+                name = "neighbour"
+                url = "quiesce://127.0.0.1:\(port)"
+                cert = "\(certificates.otherClientCert)"
+                key = "\(certificates.otherClientKey)"
+                ca = "\(certificates.ca)"
                 """)
             _ = try churn(world, round: 1)
             #expect(try await site.runCLI(["checkpoint"]).status == 0)
@@ -364,6 +377,12 @@ struct ReplicationTests {
             #expect(impostor.status == 8, "\(impostor.stderr)")
             #expect(impostor.stderr.contains("target impostor"))
             #expect(!FileManager.default.fileExists(atPath: "\(store)/vm1"), "the impostor reached the store")
+
+            // A client the CA signed, but not for this volume: refused by name, the store untouched.
+            let neighbour = try await site.runCLI(["replicate", "--target", "neighbour"])
+            #expect(neighbour.status == 8, "\(neighbour.stderr)")
+            #expect(neighbour.stderr.contains("the client CN=other-primary may not send volume vm1"), "\(neighbour.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: "\(store)/vm1"), "the neighbour reached the store")
 
             let trusted = try await site.runCLI(["replicate", "--target", "trusted", "--json"])
             #expect(trusted.status == 0, "\(trusted.stderr)")

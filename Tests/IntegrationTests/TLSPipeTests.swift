@@ -17,7 +17,7 @@ struct TLSPipeTests {
             // handler's close arrived as EOF.
             let server = try TLSPipeServer.start(host: "127.0.0.1", port: 0, identity: certificates.server,
                                                  onRefused: log.refused) { fd, peer in
-                log.handlerStarted(peer: peer, thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
+                log.handlerStarted(peer: "\(peer)", thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
                 var received = 0
                 var buffer = [UInt8](repeating: 0, count: 64 * 1024)
                 while true {
@@ -91,7 +91,7 @@ struct TLSPipeTests {
             let log = ServerLog()
             let server = try TLSPipeServer.start(host: "127.0.0.1", port: 0, identity: certificates.server,
                                                  onRefused: log.refused) { fd, peer in
-                log.handlerStarted(peer: peer, thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
+                log.handlerStarted(peer: "\(peer)", thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
                 close(fd)
             }
             defer { server.shutdown() }
@@ -119,7 +119,7 @@ struct TLSPipeTests {
             let log = ServerLog()
             let server = try TLSPipeServer.start(host: "127.0.0.1", port: 0, identity: named,
                                                  onRefused: log.refused) { fd, peer in
-                log.handlerStarted(peer: peer, thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
+                log.handlerStarted(peer: "\(peer)", thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
                 log.handlerFinished(received: readToEOF(fd).count)
                 close(fd)
             }
@@ -170,7 +170,7 @@ struct TLSPipeTests {
         let log = ServerLog()
         let server = try TLSPipeServer.start(host: "127.0.0.1", port: 0, identity: certificates.server,
                                              onRefused: log.refused) { fd, peer in
-            log.handlerStarted(peer: peer, thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
+            log.handlerStarted(peer: "\(peer)", thread: MultiThreadedEventLoopGroup.currentEventLoop == nil ? "own thread" : "event loop")
             _ = writeAll(fd, Array("welcome\n".utf8)[...])
             close(fd)
         }

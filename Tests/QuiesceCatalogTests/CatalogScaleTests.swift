@@ -26,6 +26,13 @@ struct CatalogScaleTests {
             #expect(all.first == records.first)
             #expect(all.last == records.last)
             #expect(try catalog.checkpoints(limit: 25).map(\.id) == records.suffix(25).map(\.id))
+            // The text listing's summary: every checkpoint as it was, without writers and snapshots.
+            let summaries = try await runBlocking { try catalog.checkpoints(details: false) }
+            #expect(summaries.count == count)
+            #expect(summaries.allSatisfy { $0.writers.isEmpty && $0.snapshots.isEmpty })
+            var stripped = records[count - 1]
+            (stripped.writers, stripped.snapshots) = ([], [])
+            #expect(summaries.last == stripped)
             #expect(try catalog.latestCompleted(volume: "vm1") == completed.last)
 
             let keep = 30

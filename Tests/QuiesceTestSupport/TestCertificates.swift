@@ -2,8 +2,8 @@ import Foundation
 
 /// A throwaway PKI for mutual-TLS tests, made with the `openssl` CLI in a directory the test
 /// owns (use `withTemporaryDirectory`): a CA, a server certificate for 127.0.0.1 and "localhost",
-/// a second server certificate for "dr.example.org" only, a client certificate from the same CA,
-/// and a second, unrelated "rogue" CA with a client certificate of its own. Keys are unencrypted PEM (P-256), certificates valid for two days.
+/// a second server certificate for "dr.example.org" only, two client certificates from the same CA
+/// (CN=quiesce-test-sender and CN=other-primary), and a second, unrelated "rogue" CA with a client certificate of its own. Keys are unencrypted PEM (P-256), certificates valid for two days.
 public struct TestCertificates: Sendable {
     /// The CA that issued `serverCert` and `clientCert`.
     public var ca: String
@@ -14,6 +14,9 @@ public struct TestCertificates: Sendable {
     public var namedServerKey: String
     public var clientCert: String
     public var clientKey: String
+    /// A second client of the same CA (CN=other-primary): trusted, but another primary.
+    public var otherClientCert: String
+    public var otherClientKey: String
     /// A CA nobody trusts, and the client certificate it issued.
     public var rogueCA: String
     public var rogueClientCert: String
@@ -30,6 +33,7 @@ public struct TestCertificates: Sendable {
             serverCert: "\(dir)/server.pem", serverKey: "\(dir)/server.key",
             namedServerCert: "\(dir)/named-server.pem", namedServerKey: "\(dir)/named-server.key",
             clientCert: "\(dir)/client.pem", clientKey: "\(dir)/client.key",
+            otherClientCert: "\(dir)/other-client.pem", otherClientKey: "\(dir)/other-client.key",
             rogueCA: "\(dir)/rogue-ca.pem",
             rogueClientCert: "\(dir)/rogue-client.pem", rogueClientKey: "\(dir)/rogue-client.key")
 
@@ -39,6 +43,8 @@ public struct TestCertificates: Sendable {
         try tool.issue(name: "named-server", by: "ca", subject: "/CN=dr.example.org",
                        extensions: "subjectAltName=DNS:dr.example.org\nextendedKeyUsage=serverAuth")
         try tool.issue(name: "client", by: "ca", subject: "/CN=quiesce-test-sender",
+                       extensions: "extendedKeyUsage=clientAuth")
+        try tool.issue(name: "other-client", by: "ca", subject: "/CN=other-primary",
                        extensions: "extendedKeyUsage=clientAuth")
         try tool.makeCA(name: "rogue-ca", subject: "/CN=rogue test CA")
         try tool.issue(name: "rogue-client", by: "rogue-ca", subject: "/CN=rogue-sender",
