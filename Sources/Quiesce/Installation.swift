@@ -60,6 +60,16 @@ public struct Installation: Sendable {
             }
         }
         let result = await coordinator(writers: registry.writers, journal: catalog).checkpoint(label: label)
+        if result.record.outcome == .completed, !registry.specs.isEmpty {
+            // The DR side verifies this checkpoint with the drop-ins it was taken with, even if
+            // writers.d changes before it is replicated.
+            do {
+                try catalog.recordSpecs(checkpointID: result.record.id, registry.specs)
+            } catch {
+                logger.warning("could not record the writers' drop-ins with the checkpoint; replication will send the drop-ins of its own time",
+                               metadata: ["checkpoint": "\(result.record.id)", "error": "\(error)"])
+            }
+        }
         return result
     }
 

@@ -9,6 +9,8 @@ public struct Registry: Sendable {
         public var type: String?
         public var writer: (any Writer)?
         public var error: ConfigError?
+        /// The drop-in's text as loaded (the writer was built from these bytes).
+        public var specText: String?
     }
 
     public var directory: String
@@ -23,7 +25,7 @@ public struct Registry: Sendable {
             case .success(let spec):
                 do {
                     let (writer, common) = try WriterTypes.makeWriter(spec, defaultTimeout: configuration.freezeTimeout)
-                    return Entry(file: spec.file, name: common.name, type: common.type, writer: writer)
+                    return Entry(file: spec.file, name: common.name, type: common.type, writer: writer, specText: spec.text)
                 } catch let error as ConfigError {
                     var entry = Entry(file: spec.file, error: error)
                     if case .string(let name)? = spec.table["name"]?.value { entry.name = name }
@@ -38,6 +40,13 @@ public struct Registry: Sendable {
     }
 
     public var writers: [any Writer] { entries.compactMap(\.writer) }
+    /// Each built writer's name and drop-in text, as loaded.
+    public var specs: [(name: String, text: String)] {
+        entries.compactMap { entry in
+            guard entry.writer != nil, let name = entry.name, let text = entry.specText else { return nil }
+            return (name, text)
+        }
+    }
     public var errors: [ConfigError] { entries.compactMap(\.error) }
 
     /// The spec file that defines a writer, for error messages.

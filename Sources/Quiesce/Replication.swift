@@ -166,7 +166,7 @@ extension Installation {
                 let ranges = fullCompare && baseImage != nil ? DeltaReader.fullCompareRanges(size: snapshot.sizeBytes)
                     : try changedRanges(volume, base: baseImage, target: snapshot.path)
                 let plan = DeltaPlan(volume: volume.name, targetImage: snapshot.path, baseImage: baseImage, base: base?.id,
-                                     manifest: record, environment: checkpointEnvironment(), ranges: ranges)
+                                     manifest: record, environment: checkpointEnvironment(record), ranges: ranges)
                 let report = try DeltaSender.send(plan, to: members.map(\.session))
                 for (member, sent) in zip(members, report.destinations) {
                     var outcome = TargetOutcome(target: member.target.name, volume: volume.name, checkpoint: record.id,
@@ -228,7 +228,7 @@ extension Installation {
         let ranges = fullCompare ? DeltaReader.fullCompareRanges(size: snapshot.sizeBytes)
             : try changedRanges(volume, base: baseImage, target: snapshot.path)
         let plan = DeltaPlan(volume: name, targetImage: snapshot.path, baseImage: baseImage, base: baseID, manifest: record,
-                             environment: checkpointEnvironment(), ranges: ranges)
+                             environment: checkpointEnvironment(record), ranges: ranges)
         let report = try DeltaSender.send(plan, to: [PipeDestination(name: "stdout", sink: sink, compressionLevel: compressionLevel)])
         if let error = report.destinations.first?.error { throw ReplicationError(error) }
         return report
@@ -307,13 +307,17 @@ extension Installation {
         }
     }
 
-    /// The volumes and the registered writers' drop-ins, for the DR side.
-    func checkpointEnvironment() -> CheckpointEnvironment {
-        let writers = registry().entries.compactMap { entry -> CheckpointEnvironment.WriterSpecText? in
-            guard let name = entry.name, entry.error == nil,
-                  let text = try? String(contentsOfFile: entry.file, encoding: .utf8) else { return nil }
-            return .init(name: name, text: text)
+    /// The volumes and the writers' drop-ins of a checkpoint, for the DR side: the drop-ins
+    /// recorded when it was taken; for a checkpoint without them (taken before catalog
+    /// version 4), the ones registered now.
+    func checkpointEnvironment(_ record: CheckpointRecord) -> CheckpointEnvironment {
+        // A checkpoint without writers has nothing to verify, whatever is registered now.
+        guard !record.writers.isEmpty else { return CheckpointEnvironment(volumes: configuration.volumes, writers: []) }
+        if let recorded = try? openCatalog().specs(checkpointID: record.id) {
+            return CheckpointEnvironment(volumes: configuration.volumes, writers: recorded.map { .init(name: $0.name, text: $0.text) })
         }
+        logger.notice("checkpoint \(record.id) has no recorded writer drop-ins (taken by an older quiesce): sending the ones registered now")
+        let writers = registry().specs.map { CheckpointEnvironment.WriterSpecText(name: $0.name, text: $0.text) }
         return CheckpointEnvironment(volumes: configuration.volumes, writers: writers)
     }
 

@@ -382,11 +382,44 @@ public final class Catalog: CheckpointJournal, Sendable {
                 if !holders.isEmpty {
                     throw CatalogError.checkpointHeld(path: path, id: checkpointID, holders: holders)
                 }
-                for table in ["checkpoint_writers", "snapshot_files"] {
+                for table in ["checkpoint_writers", "snapshot_files", "checkpoint_specs"] {
                     try db.query("DELETE FROM \(table) WHERE checkpoint = ?", [.integer(seq)])
                 }
                 try db.query("DELETE FROM checkpoints WHERE seq = ?", [.integer(seq)])
             }
+            // Drop-in texts no checkpoint uses any more.
+            try db.query("DELETE FROM writer_specs WHERE NOT EXISTS (SELECT 1 FROM checkpoint_specs c WHERE c.spec = writer_specs.id)")
+        }
+    }
+
+    // MARK: Writer specs
+
+    /// Records the drop-ins the checkpoint's writers were built from.
+    public func recordSpecs(checkpointID: String, _ specs: [(name: String, text: String)]) throws {
+        try write("record the writer specs of \(checkpointID)") { db in
+            guard let seq = try db.query("SELECT seq FROM checkpoints WHERE id = ?", [.text(checkpointID)]).first?[0].int else {
+                throw CatalogError.unknownCheckpoint(path: path, id: checkpointID)
+            }
+            for spec in specs {
+                try db.query("INSERT OR IGNORE INTO writer_specs (text) VALUES (?)", [.text(spec.text)])
+                guard let id = try db.query("SELECT id FROM writer_specs WHERE text = ?", [.text(spec.text)]).first?[0].int else {
+                    throw CatalogError.storage(path: path, operation: "record the writer specs of \(checkpointID)", reason: "the spec row vanished")
+                }
+                try db.query("INSERT OR REPLACE INTO checkpoint_specs (checkpoint, name, spec) VALUES (?, ?, ?)",
+                             [.integer(seq), .text(spec.name), .integer(id)])
+            }
+        }
+    }
+
+    /// The drop-ins a checkpoint's writers were built from, by name; nil when none were
+    /// recorded (a checkpoint taken by a quiesce before catalog version 4, or with no writers).
+    public func specs(checkpointID: String) throws -> [(name: String, text: String)]? {
+        try read("read the writer specs of \(checkpointID)") { db in
+            let rows = try db.query("""
+                SELECT c.name, w.text FROM checkpoint_specs c JOIN writer_specs w ON w.id = c.spec
+                WHERE c.checkpoint = (SELECT seq FROM checkpoints WHERE id = ?) ORDER BY c.name
+                """, [.text(checkpointID)])
+            return rows.isEmpty ? nil : rows.map { ($0[0].text ?? "", $0[1].text ?? "") }
         }
     }
 

@@ -93,6 +93,21 @@ enum CatalogSchema {
         ALTER TABLE target_acks ADD COLUMN verified INTEGER;
         ALTER TABLE target_acks ADD COLUMN verify_failures TEXT;
         """,
+        """
+        -- The writers' drop-ins as a checkpoint used them (the DR side verifies with these),
+        -- each distinct text stored once.
+        CREATE TABLE writer_specs (
+            id   INTEGER PRIMARY KEY,
+            text TEXT NOT NULL UNIQUE
+        );
+        CREATE TABLE checkpoint_specs (
+            checkpoint INTEGER NOT NULL REFERENCES checkpoints(seq),
+            name       TEXT NOT NULL,
+            spec       INTEGER NOT NULL REFERENCES writer_specs(id),
+            PRIMARY KEY (checkpoint, name)
+        ) WITHOUT ROWID;
+        CREATE INDEX checkpoint_specs_by_spec ON checkpoint_specs(spec);
+        """,
     ]
 
     /// Brings the catalog to `version`, or refuses one that is newer or not ours.

@@ -89,7 +89,7 @@ public struct WriterDirectory: Sendable {
                 throw ConfigError(file: file, line: entry.line, key: key, invalidNameReason(value))
             }
         }
-        return WriterSpec(file: file, table: table)
+        return WriterSpec(file: file, table: table, text: text)
     }
 
     /// Validates with `validate`, then installs atomically (temp file in the directory, fsync, rename,

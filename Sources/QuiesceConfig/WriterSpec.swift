@@ -27,9 +27,12 @@ public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
 public struct WriterSpec: Sendable {
     public var file: String
     public var table: TOMLTable
-    public init(file: String, table: TOMLTable) {
+    /// The bytes `table` was parsed from: what a checkpoint records as the writer's drop-in.
+    public var text: String
+    public init(file: String, table: TOMLTable, text: String = "") {
         self.file = file
         self.table = table
+        self.text = text
     }
 }
 

@@ -283,6 +283,49 @@ struct ReplicationTests {
         }
     }
 
+    /// The DR side verifies a checkpoint with the drop-ins it was taken with: writers.d edited
+    /// between the checkpoint and its replication changes nothing on the DR side.
+    @Test func theDRCopyIsVerifiedWithTheDropInsOfItsCheckpointNotOfItsReplication() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 64 << 20)) { world in
+            let site = try TestSite(world)
+            let dr = try await mountDRFilesystem(world)
+            let store = "\(dr)/store"
+            let verified = world.path("verified-by")
+            func addWriter(_ name: String, verifyExit: Int) throws -> String {
+                let script = world.path("\(name)-hook")
+                try "#!/bin/sh\n[ \"$1\" = verify ] && { echo \(name) >> \(verified); exit \(verifyExit); }\nexit 0\n"
+                    .write(toFile: script, atomically: true, encoding: .utf8)
+                chmod(script, 0o755)
+                let spec = "\(site.writersDirectory)/\(name).toml"
+                try "name = \"\(name)\"\ntype = \"exec\"\ncommand = \"\(script)\"\nvolume = \"\(world.volume.name)\"\nverify = true\n"
+                    .write(toFile: spec, atomically: true, encoding: .utf8)
+                chmod(spec, 0o600)
+                return try String(contentsOfFile: spec, encoding: .utf8)
+            }
+            let taken = try addWriter("app", verifyExit: 0)
+            try site.addTargets("""
+                [[target]]
+                name = "dr"
+                url = "file://\(store)"
+                verify = true
+                """)
+            _ = try churn(world, round: 1)
+            #expect(try await site.runCLI(["checkpoint"]).status == 0)
+            let id = try #require(try site.installation().listCheckpoints(limit: 1).first?.id)
+
+            // Before it is replicated, the operator replaces the writer with one whose verify fails.
+            try FileManager.default.removeItem(atPath: "\(site.writersDirectory)/app.toml")
+            _ = try addWriter("late", verifyExit: 1)
+            let result = try await site.runCLI(["replicate", "--json"])
+            #expect(result.status == 0, "\(result.stderr)")
+            #expect(try decodeReport(result.stdout).outcomes.first?.verified == true)
+            let manifest = try DRStore(root: store, create: false).manifest(volume: "vm1", checkpoint: id)
+            #expect(manifest.environment?.writers.map(\.name) == ["app"])
+            #expect(manifest.environment?.writers.first?.text == taken)
+            #expect(try String(contentsOfFile: verified, encoding: .utf8) == "app\n")
+        }
+    }
+
     @Test func pipedStreamsForTheWrongBaseOrAlreadyAppliedAreRefusedWithExit65() async throws {
         try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 128 << 20)) { world in
             let site = try TestSite(world)

@@ -293,6 +293,33 @@ struct CatalogTests {
         }
     }
 
+    /// The drop-ins a checkpoint was taken with come back as they were, each text stored once,
+    /// and go when no checkpoint uses them any more.
+    @Test func writerSpecsOfACheckpointAreKeptOnceAndPrunedWithTheLastUser() async throws {
+        try await withTemporaryDirectory { dir in
+            let catalog = try Catalog(path: "\(dir)/catalog.db")
+            let first = checkpoint(0, .completed), second = checkpoint(1, .completed), third = checkpoint(2, .completed)
+            for record in [first, second, third] { try await catalog.finish(record) }
+            let db = "name = \"db\"\ntype = \"sqlite\"\npath = \"/srv/db\"\n"
+            let app = "name = \"app\"\ntype = \"exec\"\ncommand = \"/usr/local/bin/app-hook\"\n"
+            let edited = app + "verify = true\n"
+            try catalog.recordSpecs(checkpointID: first.id, [("db", db), ("app", app)])
+            try catalog.recordSpecs(checkpointID: second.id, [("db", db), ("app", edited)])
+
+            #expect(try catalog.specs(checkpointID: first.id)?.map(\.text) == [app, db])
+            #expect(try catalog.specs(checkpointID: second.id)?.map(\.text) == [edited, db])
+            #expect(try catalog.specs(checkpointID: third.id) == nil, "nothing recorded is not an empty list")
+            let raw = try SQLiteConnection(path: "\(dir)/catalog.db")
+            #expect(try raw.scalar("SELECT count(*) FROM writer_specs")?.int == 3)
+
+            // The first checkpoint goes: its old "app" text with it, the shared "db" text stays.
+            try catalog.delete(checkpointID: first.id)
+            #expect(try raw.scalar("SELECT count(*) FROM writer_specs")?.int == 2)
+            #expect(try catalog.specs(checkpointID: second.id)?.map(\.text) == [edited, db])
+            #expect(throws: CatalogError.self) { try catalog.recordSpecs(checkpointID: "no-such-checkpoint", [("db", db)]) }
+        }
+    }
+
     @Test func onlyACompletedCheckpointCanBeHeld() async throws {
         try await withTemporaryDirectory { dir in
             let catalog = try Catalog(path: "\(dir)/catalog.db")
