@@ -58,7 +58,7 @@ public enum ExitStatus: Int32, Sendable, CaseIterable {
             switch error {
             case .malformed, .unsupportedVersion, .truncated, .corrupted, .rejected: return .badStream
             case .store: return .storeFailed
-            case .transport, .peer: return .replicationFailed
+            case .transport, .stalled, .peer: return .replicationFailed
             }
         case let error as CoordinatorError:
             return of(CheckpointResult(record: CheckpointRecord(id: "", label: nil, startedAt: .now), error: error, thawErrors: []))

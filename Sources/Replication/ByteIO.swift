@@ -105,7 +105,7 @@ public final class FileDescriptorStream: ByteSource, ByteSink {
         while true {
             let left = deadline - ContinuousClock.now
             guard left > .zero else {
-                throw DeltaStreamError.transport("\(what) \(stalled) for \(formatDuration(idleTimeout)): giving up on it "
+                throw DeltaStreamError.stalled("\(what) \(stalled) for \(formatDuration(idleTimeout)): giving up on it "
                     + "(a hung receiver or a silent network; the target's `timeout` sets how long to wait)")
             }
             var entry = pollfd(fd: fd, events: Int16(events), revents: 0)

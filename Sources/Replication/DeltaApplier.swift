@@ -123,7 +123,13 @@ final class DeltaApplier {
         var done = 0
         while done < data.count {
             let n = data.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, data.count - done, off_t(offset) + off_t(done)) }
-            guard n > 0 else { throw DeltaStreamError.store("writing \(partialPath) at \(offset): \(String(cString: strerror(errno)))") }
+            guard n > 0 else {
+                let code = errno
+                let fix = code == ENOSPC || code == EDQUOT
+                    ? " (the previous checkpoint is untouched and what was applied is kept: free space on the DR filesystem, or lower `keep`, then replicate again to resume)"
+                    : ""
+                throw DeltaStreamError.store("writing \(partialPath) at \(offset): \(String(cString: strerror(code)))" + fix)
+            }
             done += n
         }
         progress.dataBytes += UInt64(data.count)

@@ -13,6 +13,8 @@ public enum DeltaStreamError: Error, Sendable, CustomStringConvertible, Equatabl
     case rejected(String)
     /// The pipe or connection to the peer failed.
     case transport(String)
+    /// The peer made no progress for the idle timeout (a hung receiver, a silent network).
+    case stalled(String)
     /// The DR store's files.
     case store(String)
     /// The peer reported an error of its own.
@@ -26,7 +28,7 @@ public enum DeltaStreamError: Error, Sendable, CustomStringConvertible, Equatabl
         case .truncated(let text): "delta stream truncated: \(text); the previous checkpoint is untouched, send again to resume"
         case .corrupted(let text): "delta stream corrupted: \(text); the previous checkpoint is untouched, send again to resume"
         case .rejected(let text): text
-        case .transport(let text): text
+        case .transport(let text), .stalled(let text): text
         case .store(let text): "DR store: \(text)"
         case .peer(let text): "receiver: \(text)"
         }

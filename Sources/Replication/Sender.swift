@@ -96,9 +96,27 @@ public final class ReceiverSession: FrameDestination {
         return (resume, chain)
     }
 
-    public func send(_ frame: EncodedFrame) throws { try sink.write(frame.bytes) }
+    public func send(_ frame: EncodedFrame) throws {
+        do { try sink.write(frame.bytes) } catch { throw explained(error) }
+    }
 
-    public func sendTrailer(_ trailer: EncodedFrame) throws { try sink.write(trailer.bytes) }
+    public func sendTrailer(_ trailer: EncodedFrame) throws {
+        do { try sink.write(trailer.bytes) } catch { throw explained(error) }
+    }
+
+    /// A receiver that fails a stream (a full disk, a bad frame) says why, then stops reading:
+    /// the sender sees only a closed pipe. Its last answer, or what it printed, is the reason.
+    private func explained(_ error: Error) -> Error {
+        guard let streamError = error as? DeltaStreamError, case .transport(let text) = streamError else { return error }
+        while let line = try? source.readLine(),
+              let reply = try? JSONDecoder().decode(SessionReply.self, from: Data(line.utf8)) {
+            if reply.keepalive == true { continue }
+            if !reply.ok, let reason = reply.error { return DeltaStreamError.peer(reason) }
+            break
+        }
+        let said = diagnostics()
+        return said.isEmpty ? error : DeltaStreamError.transport("\(text): \(said)")
+    }
 
     public func awaitApplied() throws -> ReceiveSummary? {
         let reply = try readReply("the trailer")

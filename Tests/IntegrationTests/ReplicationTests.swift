@@ -89,15 +89,7 @@ struct ReplicationTests {
 
     @Test func killedSenderLeavesThePreviousCheckpointAndTheNextRunResumesWhereTheReceiverStopped() async throws {
         try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 256 << 20)) { world in
-            let site = try TestSite(world)
-            let dr = try await mountDRFilesystem(world)
-            let store = "\(dr)/store"
-            try site.addTargets("""
-                [[target]]
-                name = "dr"
-                url = "file://\(store)"
-                bandwidth_limit = "8MiB/s"
-                """)
+            let (site, store) = try await siteWithOneFileTarget(world, "bandwidth_limit = \"8MiB/s\"")
             _ = try churn(world, round: 1)
             #expect(try await site.runCLI(["checkpoint"]).status == 0)
             #expect(try await site.runCLI(["replicate"]).status == 0)
@@ -227,9 +219,7 @@ struct ReplicationTests {
     /// an application running on it; the next verify in the store cleans that up first.
     @Test func verifyKilledMidwayLeavesNothingAfterTheNextVerify() async throws {
         try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 64 << 20)) { world in
-            let site = try TestSite(world)
-            let dr = try await mountDRFilesystem(world)
-            let store = "\(dr)/store"
+            let (site, store) = try await siteWithOneFileTarget(world)
             let (stall, started) = (world.path("stall"), world.path("verify-started"))
             let script = world.path("stalling-verify")
             // While `stall` exists, verify leaves a process working inside the copy and waits.
@@ -254,11 +244,6 @@ struct ReplicationTests {
 
                 """.write(toFile: "\(site.writersDirectory)/app.toml", atomically: true, encoding: .utf8)
             chmod("\(site.writersDirectory)/app.toml", 0o600)
-            try site.addTargets("""
-                [[target]]
-                name = "dr"
-                url = "file://\(store)"
-                """)
             _ = try churn(world, round: 1)
             #expect(try await site.runCLI(["checkpoint", "--replicate"]).status == 0)
 
@@ -287,9 +272,7 @@ struct ReplicationTests {
     /// between the checkpoint and its replication changes nothing on the DR side.
     @Test func theDRCopyIsVerifiedWithTheDropInsOfItsCheckpointNotOfItsReplication() async throws {
         try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 64 << 20)) { world in
-            let site = try TestSite(world)
-            let dr = try await mountDRFilesystem(world)
-            let store = "\(dr)/store"
+            let (site, store) = try await siteWithOneFileTarget(world, "verify = true")
             let verified = world.path("verified-by")
             func addWriter(_ name: String, verifyExit: Int) throws -> String {
                 let script = world.path("\(name)-hook")
@@ -303,12 +286,6 @@ struct ReplicationTests {
                 return try String(contentsOfFile: spec, encoding: .utf8)
             }
             let taken = try addWriter("app", verifyExit: 0)
-            try site.addTargets("""
-                [[target]]
-                name = "dr"
-                url = "file://\(store)"
-                verify = true
-                """)
             _ = try churn(world, round: 1)
             #expect(try await site.runCLI(["checkpoint"]).status == 0)
             let id = try #require(try site.installation().listCheckpoints(limit: 1).first?.id)
@@ -323,6 +300,47 @@ struct ReplicationTests {
             #expect(manifest.environment?.writers.map(\.name) == ["app"])
             #expect(manifest.environment?.writers.first?.text == taken)
             #expect(try String(contentsOfFile: verified, encoding: .utf8) == "app\n")
+        }
+    }
+
+    /// A DR filesystem that fills up mid-apply: a clear error naming the store, the previous
+    /// checkpoint untouched; once there is room, the next run resumes and completes.
+    @Test func fullDRFilesystemFailsClearlyKeepsThePreviousCheckpointAndTheNextRunResumes() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 256 << 20)) { world in
+            let (site, store) = try await siteWithOneFileTarget(world)
+            let dr = (store as NSString).deletingLastPathComponent
+            _ = try churn(world, round: 1)
+            #expect(try await site.runCLI(["checkpoint", "--replicate"]).status == 0)
+            let drStore = try DRStore(root: store, create: false)
+            let first = try #require(drStore.latest(volume: "vm1"))
+
+            // Leave about 16 MiB free on the DR filesystem, then send a 64 MiB delta.
+            var info = statvfs()
+            #expect(statvfs(dr, &info) == 0)
+            let filler = "\(dr)/filler"
+            let free = UInt64(info.f_bavail) * UInt64(info.f_frsize)
+            let fd = open(filler, O_WRONLY | O_CREAT, 0o600)
+            let allocated = posix_fallocate(fd, 0, off_t(free - (16 << 20)))
+            #expect(allocated == 0, "\(String(cString: strerror(allocated)))")
+            close(fd)
+            try randomFile(world.guest + "/bulk", bytes: 64 << 20)
+            world.syncGuestsIgnoringErrors()
+            #expect(try await site.runCLI(["checkpoint"]).status == 0)
+            let full = try await site.runCLI(["replicate", "--json"])
+            #expect(full.status == 8, "\(full.stderr)")
+            #expect(full.stderr.contains("target dr: receiver: DR store: writing ") && full.stderr.contains("No space left on device")
+                    && full.stderr.contains("free space on the DR filesystem"), "\(full.stderr)")
+            #expect(drStore.latest(volume: "vm1") == first)
+            #expect(try await sameBytes(drStore.imagePath(volume: "vm1", checkpoint: first),
+                                        "\(world.volume.snapshotDirectory)/\(first).img"))
+
+            try FileManager.default.removeItem(atPath: filler)
+            let again = try await site.runCLI(["replicate", "--json"])
+            #expect(again.status == 0, "\(again.stderr)")
+            let outcome = try #require(try decodeReport(again.stdout).outcomes.first)
+            #expect(outcome.status == .applied && outcome.resumedAtFrame > 0, "\(outcome)")
+            let id = try #require(outcome.checkpoint)
+            #expect(try await sameBytes(drStore.imagePath(volume: "vm1", checkpoint: id), "\(world.volume.snapshotDirectory)/\(id).img"))
         }
     }
 
@@ -447,6 +465,15 @@ func mountDRFilesystem(_ world: TestWorld) async throws -> String {
     let mountPoint = try world.makeDirectory("dr")
     try await world.mount(device, at: mountPoint)
     return mountPoint
+}
+
+/// A site whose one target, "dr", is a file:// store on a DR filesystem of its own (`settings`:
+/// more lines of its table). Returns the site and the store's path.
+func siteWithOneFileTarget(_ world: TestWorld, _ settings: String = "") async throws -> (TestSite, String) {
+    let site = try TestSite(world)
+    let store = "\(try await mountDRFilesystem(world))/store"
+    try site.addTargets("[[target]]\nname = \"dr\"\nurl = \"file://\(store)\"\n\(settings)")
+    return (site, store)
 }
 
 extension TestSite {
