@@ -161,6 +161,10 @@ public struct DRTest: Sendable {
                     session.notStarted.append("writer \(writer.name) (\(writer.type)): not started (\(writer.type) writers do not run on a copy)")
                     continue
                 }
+                if let reason = startable.notStartableReason {
+                    session.notStarted.append("writer \(writer.name) (\(writer.type)): not started (\(reason))")
+                    continue
+                }
                 guard let marker = result.marker else {
                     session.notStarted.append("writer \(writer.name) (\(writer.type)): not started (no marker was recorded at freeze)")
                     continue

@@ -18,6 +18,13 @@ public protocol CopyStartable: Writer {
     func startOnCopy(_ copy: CopyLayout, marker: ConsistencyMarker, workDirectory: String) async throws -> RunningCopy
     /// Stops what `startOnCopy` started.
     func stopOnCopy(_ running: RunningCopy) async throws
+    /// Why this writer, as configured, starts nothing on a copy (and how to change that); nil
+    /// when it does.
+    var notStartableReason: String? { get }
+}
+
+extension CopyStartable {
+    public var notStartableReason: String? { nil }
 }
 
 /// An application running on a copy for a DR test: how to reach it, and what stopping it needs.

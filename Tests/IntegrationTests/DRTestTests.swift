@@ -191,6 +191,61 @@ struct DRTestTests {
             #expect(down.succeeded, "lab down: \(shown(down))")
         }
     }
+
+    /// An owner's application, through its exec writer's script, runs on the DR test's copy
+    /// (not on production) and is stopped by `dr test stop`; a script without `dr_test` is
+    /// listed as not started, saying how to start it.
+    @Test func execWriterWithDRTestStartsItsApplicationOnTheCopyAndStopEndsIt() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 64 << 20)) { world in
+            let (site, store) = try await siteWithOneFileTarget(world)
+            let script = world.path("app-hook")
+            // The "application": a process working in the copy, started in the background.
+            try """
+                #!/bin/sh
+                case "$1" in
+                dr-test-start)
+                    echo "started on $3" > "$3/app-was-here"
+                    (cd "$3" && exec sleep 300) >/dev/null 2>&1 &
+                    echo "access cat $3/app-was-here"
+                    echo "state pid=$!"
+                    ;;
+                dr-test-stop)
+                    [ -n "$QUIESCE_STATE_PID" ] && kill "$QUIESCE_STATE_PID" 2>/dev/null
+                    ;;
+                esac
+                exit 0
+
+                """.write(toFile: script, atomically: true, encoding: .utf8)
+            chmod(script, 0o755)
+            for (name, drTest) in [("app", true), ("plain", false)] {
+                try "name = \"\(name)\"\ntype = \"exec\"\ncommand = \"\(script)\"\nvolume = \"\(world.volume.name)\"\ndr_test = \(drTest)\n"
+                    .write(toFile: "\(site.writersDirectory)/\(name).toml", atomically: true, encoding: .utf8)
+                chmod("\(site.writersDirectory)/\(name).toml", 0o600)
+            }
+            _ = try churn(world, round: 1)
+            #expect(try await site.runCLI(["checkpoint", "--replicate"]).status == 0)
+            let before = try images(store)
+
+            let start = try await quiesce(["dr", "test", "start", "--store", store, "--json"])
+            try #require(start.succeeded, "dr test start: \(shown(start))")
+            let session = try decode(DRTestSession.self, start.stdout)
+            let app = try #require(session.applications.first { $0.writer == "app" }, "\(session)")
+            let pid = try #require(app.state["pid"].flatMap { pid_t($0) })
+            #expect(app.access.first?.hasPrefix("cat \(store)/.drtest/") == true, "\(app.access)")
+            #expect(session.notStarted.contains { $0.contains("plain (exec): not started (set dr_test = true") }, "\(session.notStarted)")
+            #expect(kill(pid, 0) == 0, "the application is not running")
+            #expect(!FileManager.default.fileExists(atPath: world.guest + "/app-was-here"), "the application ran on production")
+            let status = try decode(DRTestStatus.self, try await quiesce(["dr", "test", "status", "--store", store, "--json"]).stdout)
+            #expect(status.running && status.problems.isEmpty, "\(status)")
+            #expect(status.checks.contains("writer app (exec): running, pid \(pid)"), "\(status.checks)")
+
+            let stop = try await quiesce(["dr", "test", "stop", "--store", store, "--json"])
+            #expect(stop.succeeded, "dr test stop: \(shown(stop))")
+            #expect(await eventually(within: .seconds(10)) { kill(pid, 0) != 0 }, "the application outlived the test")
+            #expect(try images(store) == before)
+            expectNothingLeft(store)
+        }
+    }
 }
 
 // MARK: helpers
@@ -212,20 +267,9 @@ private func expectNothingLeft(_ store: String, sourceLocation: SourceLocation =
     let mountinfo = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
     let mounts = mountinfo.split(separator: "\n").filter { $0.contains(directory) }
     #expect(mounts.isEmpty, "mounts left: \(mounts)", sourceLocation: sourceLocation)
-    let strays = drTestProcesses(directory)
+    let strays = processes(commandContaining: directory + "/")
     #expect(strays.isEmpty, "processes left: \(strays)", sourceLocation: sourceLocation)
     #expect(!FileManager.default.fileExists(atPath: directory), "\(directory) is still there", sourceLocation: sourceLocation)
-}
-
-/// Processes whose command line names the directory (the copy's postmaster has `-D <copy>`).
-private func drTestProcesses(_ directory: String) -> [String] {
-    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-    return entries.compactMap { entry -> String? in
-        guard let pid = pid_t(entry), pid != getpid(),
-              let data = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline"), !data.isEmpty else { return nil }
-        let cmdline = String(decoding: data.map { $0 == 0 ? UInt8(ascii: " ") : $0 }, as: UTF8.self)
-        return cmdline.contains(directory + "/") ? "\(pid) \(cmdline)" : nil
-    }
 }
 
 private func psql(socket: String, port: String, _ sql: String) async throws -> CommandResult {
@@ -285,7 +329,7 @@ private func withDRTestLab(_ body: (DRTestLab) async throws -> Void) async throw
        let down = try? await quiesce(["lab", "down", "--dir", lab.root]), !down.succeeded {
         problems.append("cleanup `lab down` failed: \(shown(down))")
     }
-    for line in drTestProcesses(lab.top) {
+    for line in processes(commandContaining: lab.top + "/") {
         if let pid = pid_t(line.prefix { $0 != " " }) { kill(pid, SIGKILL) }
         problems.append("killed \(line)")
     }

@@ -210,7 +210,7 @@ struct ReplicationTests {
                 #expect(failed.error?.contains("target hung sent nothing for 2 s") == true, "\(failed.error ?? "")")
                 #expect(result.stderr.contains("target hung"), "\(result.stderr)")
                 // The hung receiver's ssh session was ended, not left behind.
-                #expect(await eventually(within: .seconds(10)) { !processRunning(commandContaining: hung) })
+                #expect(await eventually(within: .seconds(10)) { processes(commandContaining: hung).isEmpty })
             }
         }
     }
@@ -554,14 +554,5 @@ func receiverRunning(_ store: String) -> Bool {
         guard pid.allSatisfy(\.isNumber), let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
         let words = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
         return words.contains("receive") && words.contains(store)
-    }
-}
-
-/// Whether a process whose command line contains `text` runs on this host.
-func processRunning(commandContaining text: String) -> Bool {
-    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-    return entries.contains { entry in
-        guard Int32(entry) != nil, let line = try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(entry)/cmdline")) else { return false }
-        return String(decoding: line.map { $0 == 0 ? 32 : $0 }, as: UTF8.self).contains(text)
     }
 }

@@ -249,3 +249,15 @@ extension ChildProcess {
         wait()
     }
 }
+
+/// Processes of this host (not this one) whose command line contains `text`, as "PID CMDLINE"
+/// (a copy's postmaster names its data directory, an ssh session its remote command).
+func processes(commandContaining text: String) -> [String] {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.compactMap { entry -> String? in
+        guard let pid = pid_t(entry), pid != getpid(),
+              let data = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline"), !data.isEmpty else { return nil }
+        let cmdline = String(decoding: data.map { $0 == 0 ? UInt8(ascii: " ") : $0 }, as: UTF8.self)
+        return cmdline.contains(text) ? "\(pid) \(cmdline)" : nil
+    }
+}

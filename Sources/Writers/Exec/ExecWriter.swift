@@ -16,6 +16,7 @@ import Synchronization
 /// order = 10
 /// volume = "vm1"            # or volumes = ["vm1", "vm2"]; and/or paths = ["/srv/vm1/app"]
 /// verify = false            # run `COMMAND verify COPY_ROOT` during DR verification
+/// dr_test = false           # run `COMMAND dr-test-start` / `dr-test-stop` in `quiesce dr test`
 /// ```
 public struct ExecWriterFactory: WriterFactory {
     public let type = "exec"
@@ -33,8 +34,10 @@ public struct ExecWriterFactory: WriterFactory {
             throw spec.error(nil, "say which data the script protects: `volume = \"NAME\"`, `volumes = [...]` or `paths = [...]`")
         }
         let verify = try spec.bool("verify", default: false)
+        let drTest = try spec.bool("dr_test", default: false)
         try spec.finish()
-        return ExecWriter(common: common, command: command, volumes: volumes, paths: paths, runsVerify: verify)
+        return ExecWriter(common: common, command: command, volumes: volumes, paths: paths, runsVerify: verify,
+                          runsDRTest: drTest)
     }
 }
 
@@ -49,11 +52,13 @@ public final class ExecWriter: Writer {
     let volumes: [String]
     let paths: [String]
     let runsVerify: Bool
+    let runsDRTest: Bool
 
     /// The guard's duty to run `freeze-failed` if we die after `freeze` started.
     private let duty = Mutex<GuardDutyID?>(nil)
 
-    init(common: CommonWriterSettings, command: String, volumes: [String], paths: [String], runsVerify: Bool) {
+    init(common: CommonWriterSettings, command: String, volumes: [String], paths: [String], runsVerify: Bool,
+         runsDRTest: Bool = false) {
         self.name = common.name
         self.order = common.order
         self.timeout = common.timeout
@@ -61,6 +66,7 @@ public final class ExecWriter: Writer {
         self.volumes = volumes
         self.paths = paths
         self.runsVerify = runsVerify
+        self.runsDRTest = runsDRTest
     }
 
     public func identify() async throws -> WriterFootprint {
@@ -105,14 +111,21 @@ public final class ExecWriter: Writer {
 
     public func verify(copy: CopyLayout, marker: ConsistencyMarker) async throws -> VerifyReport {
         guard runsVerify else { return VerifyReport(ok: true, details: ["no verify step configured (verify = false)"]) }
-        var env = ["QUIESCE_PHASE": "verify", "QUIESCE_WRITER": name]
-        for (key, value) in marker.fields { env["QUIESCE_MARKER_\(key.uppercased())"] = value }
-        let roots = copy.mounts.values.sorted()
-        env["QUIESCE_COPY_ROOTS"] = roots.joined(separator: ":")
+        let (env, roots) = copyEnvironment("verify", copy: copy, marker: marker)
         let result = try await ChildProcess.run(command, ["verify"] + roots, extraEnvironment: env, timeout: timeout)
         let output = (result.stdout + result.stderr).split(separator: "\n").map(String.init)
         if result.timedOut { return VerifyReport(ok: false, details: ["\(command) verify timed out"] + output) }
         return VerifyReport(ok: result.status == 0, details: ["\(command) verify exited \(result.status)"] + output)
+    }
+
+    /// What a script run on a copy (verify, DR test) is told: the marker recorded at freeze
+    /// and the copy's roots (also its arguments).
+    func copyEnvironment(_ phase: String, copy: CopyLayout, marker: ConsistencyMarker) -> ([String: String], [String]) {
+        var env = ["QUIESCE_PHASE": phase, "QUIESCE_WRITER": name]
+        for (key, value) in marker.fields { env["QUIESCE_MARKER_\(key.uppercased())"] = value }
+        let roots = copy.mounts.values.sorted()
+        env["QUIESCE_COPY_ROOTS"] = roots.joined(separator: ":")
+        return (env, roots)
     }
 
     // MARK: Running the script
@@ -145,14 +158,25 @@ public final class ExecWriter: Writer {
         for line in result.stderr.split(separator: "\n") {
             context.logger.warning("\(line)", metadata: ["stream": "stderr", "action": "\(action)"])
         }
+        if let failure = failure(of: result, action, limit: limit, failedKind: .retryable,
+                                 timeoutHint: "raise `timeout` in the writer's spec, or make the script return sooner") {
+            throw failure
+        }
+        return result
+    }
+
+    /// Why a run of the script failed (killed at `limit`, or a non-zero exit, with its last
+    /// line of stderr); nil when it succeeded.
+    func failure(of result: CommandResult, _ action: String, limit: Duration, failedKind: WriterErrorKind,
+                 timeoutHint: String) -> WriterError? {
         if result.timedOut {
-            throw WriterError(.timedOut, "\(command) \(action) did not finish within \(formatDuration(limit)) and was killed",
-                              hint: "raise `timeout` in the writer's spec, or make the script return sooner")
+            return WriterError(.timedOut, "\(command) \(action) did not finish within \(formatDuration(limit)) and was killed",
+                               hint: timeoutHint)
         }
         guard result.status == 0 else {
             let last = result.stderr.split(separator: "\n").last.map { ": \($0)" } ?? ""
-            throw WriterError(.retryable, "\(command) \(action) exited with status \(result.status)\(last)")
+            return WriterError(failedKind, "\(command) \(action) exited with status \(result.status)\(last)")
         }
-        return result
+        return nil
     }
 }
