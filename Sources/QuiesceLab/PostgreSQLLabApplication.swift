@@ -57,7 +57,8 @@ public struct PostgreSQLLabApplication: LabApplication {
                            + "must be searchable by it (chmod o+x on each, or put the lab under a directory with mode 0755)")
         }
         if !FileManager.default.fileExists(atPath: data + "/PG_VERSION") {
-            try await asPostgres(bin + "/initdb", ["-D", data, "-U", Self.user, "--auth-local=peer", "--auth-host=scram-sha-256",
+            // Page checksums: DR verification then catches damage inside heap pages, not only broken structure.
+            try await asPostgres(bin + "/initdb", ["-D", data, "-U", Self.user, "--data-checksums", "--auth-local=peer", "--auth-host=scram-sha-256",
                                                    "-E", "UTF8", "--no-instructions"])
             try """
                 # Written by `quiesce lab up`: postgres by peer over the socket, everyone else by password.

@@ -74,6 +74,14 @@ extension PostgreSQLWriter {
             } else {
                 checks.fail("the marker records no valid lsn (\(marker[Self.lsnKey] ?? "none"))")
             }
+            // pg_amcheck checks the structure of pages; only page checksums catch bytes changed
+            // inside a heap page whose structure is intact.
+            if try connection.scalar("SHOW data_checksums") == "on" {
+                checks.pass("data checksums: on (pg_amcheck's reads check every page it visits)")
+            } else {
+                checks.pass("note: data checksums are off: damage inside a heap page that leaves its structure intact "
+                            + "goes unnoticed (initdb --data-checksums, or pg_checksums --enable on the stopped primary)")
+            }
         } catch {
             checks.fail("cannot query the server on the copy: \(error)")
             return checks.report
