@@ -26,7 +26,8 @@ public struct Demo: Sendable {
         public var record: CheckpointRecord
         /// How the DR copy of this checkpoint verified: each writer's application started on a
         /// clone of what the DR store received, checked against the marker recorded at freeze.
-        public var check: SnapshotCheck.Result?
+        /// How the checkpoint's DR copy verified (the store's recorded verification).
+        public var check: DRVerification?
         /// What replication did for each target.
         public var replication: [TargetOutcome]?
         public var error: String?
@@ -90,10 +91,7 @@ public struct Demo: Sendable {
                     lines[index].error = "DR verify: \(error)"
                 }
             }
-            if let verification {
-                lines[index].check = SnapshotCheck.Result(checkpoint: id, ok: verification.ok, writers: verification.writers,
-                                                          problems: verification.problems)
-            }
+            lines[index].check = verification
         }
         let ok = !lines.isEmpty && lines.allSatisfy {
             $0.record.outcome == .completed && $0.error == nil && ($0.check?.ok ?? false)
