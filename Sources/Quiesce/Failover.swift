@@ -48,6 +48,9 @@ extension Installation {
     ///
     /// The data-loss window is 0 only for a planned failover: stop (or keep frozen) the
     /// applications before calling this, since writes after the freeze are not in the DR copy.
+    /// How long `failover prepare` waits for a replication already running (exit 75 after).
+    public static let replicationWait: Duration = .seconds(1800)
+
     public func failoverPrepare(label: String = "failover") async throws -> FailoverPreparation {
         let result = try await checkpoint(label: label)
         let record = result.record
@@ -63,7 +66,8 @@ extension Installation {
             return preparation
         }
 
-        let report = try replicate(checkpointID: record.id)
+        // A cron replication still sending an older checkpoint finishes first.
+        let report = try replicate(checkpointID: record.id, waitingUpTo: Self.replicationWait)
         let acknowledged = (try? openCatalog().targetAcknowledgements()) ?? []
         var notApplied = false
         for outcome in report.outcomes {

@@ -99,10 +99,15 @@ extension Installation {
     /// (after a scrub found a damaged one). `fullCompare` finds the delta by comparing every
     /// block of the two snapshots instead of their extent maps (after a defragmentation moved
     /// every block, the maps would call the whole image changed).
+    ///
+    /// One run at a time (the replication lock): another one throws `CheckpointLock.Held`
+    /// (exit 75), unless `waitingUpTo` gives it time to finish.
     public func replicate(targets names: [String]? = nil, checkpointID: String? = nil, full: Bool = false,
-                          fullCompare: Bool = false) throws -> ReplicationReport {
+                          fullCompare: Bool = false, waitingUpTo wait: Duration? = nil) throws -> ReplicationReport {
         signal(SIGPIPE, SIG_IGN)
         let targets = try selectTargets(names)
+        let lock = try replicationLock("quiesce replicate", waitingUpTo: wait)
+        defer { lock.release() }
         let catalog = try openCatalog()
         var outcomes: [TargetOutcome] = []
         for volume in configuration.volumes {
@@ -238,6 +243,9 @@ extension Installation {
     /// snapshot of the same checkpoint: both sides hash their own image at once and only
     /// the hashes travel. Reads both images whole (a scrub, not a routine step).
     public func scrub(targets names: [String]? = nil, blockSize: Int = BlockHashes.defaultBlockSize) throws -> [ScrubOutcome] {
+        // Not beside a replication: it could retire the checkpoint being hashed at the receiver.
+        let lock = try replicationLock("quiesce targets scrub", waitingUpTo: nil)
+        defer { lock.release() }
         signal(SIGPIPE, SIG_IGN)
         let targets = try selectTargets(names)
         let catalog = try openCatalog()
@@ -299,6 +307,13 @@ extension Installation {
     // MARK: Pieces
 
     static let readingHolderPrefix = "replication in progress (pid "
+
+    func replicationLock(_ holder: String, waitingUpTo wait: Duration?) throws -> CheckpointLock {
+        if let wait {
+            return try CheckpointLock.acquire(catalogPath: configuration.catalog, holder: holder, purpose: .replication, waitingUpTo: wait)
+        }
+        return try CheckpointLock.acquire(catalogPath: configuration.catalog, holder: holder, purpose: .replication)
+    }
 
     private func releaseHoldsOfDeadRuns(_ catalog: Catalog) {
         for hold in (try? catalog.holds()) ?? [] where hold.holder.hasPrefix(Self.readingHolderPrefix) {

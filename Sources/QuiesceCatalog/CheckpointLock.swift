@@ -1,7 +1,9 @@
 import Foundation
 import Synchronization
 
-/// One checkpoint at a time per catalog: an exclusive `flock` on `<catalog>.lock`.
+/// One checkpoint at a time per catalog: an exclusive `flock` on `<catalog>.lock`; and, apart
+/// from it, one replication at a time (`<catalog>.replicate.lock`), so that an overlapping cron
+/// run says so instead of colliding with the running one at the receivers.
 ///
 /// The kernel drops the lock when the holder's process dies (even `kill -9`), so a lock is
 /// never stale; the file's contents (pid, start time, holder) only describe the current
@@ -16,6 +18,14 @@ public final class CheckpointLock: Sendable {
     public let holder: String
     private let descriptor: Mutex<Int32>
 
+    /// What the lock serializes.
+    public enum Purpose: String, Sendable {
+        case checkpoint
+        case replication
+
+        var suffix: String { self == .checkpoint ? ".lock" : ".replicate.lock" }
+    }
+
     private init(path: String, holder: String, descriptor: Int32) {
         self.path = path
         self.holder = holder
@@ -29,6 +39,7 @@ public final class CheckpointLock: Sendable {
     public struct Held: Error, Sendable, CustomStringConvertible {
         /// The lock file.
         public var lockPath: String
+        public var purpose: Purpose = .checkpoint
         /// What the holder wrote into the lock file; nil if it had not written it yet
         /// or is not a quiesce process.
         public var pid: Int32?
@@ -36,7 +47,7 @@ public final class CheckpointLock: Sendable {
         public var holder: String?
 
         public var description: String {
-            var text = "another checkpoint is running:"
+            var text = "another \(purpose.rawValue) is running:"
             text += pid.map { " pid \($0)" } ?? " holder unknown"
             if let since { text += " since \(formatSince(since))" }
             if let holder, !holder.isEmpty { text += " (\(holder))" }
@@ -45,15 +56,31 @@ public final class CheckpointLock: Sendable {
     }
 
     /// The lock file of the catalog at `catalogPath`.
-    public static func lockPath(forCatalog catalogPath: String) -> String { catalogPath + ".lock" }
+    public static func lockPath(forCatalog catalogPath: String, purpose: Purpose = .checkpoint) -> String {
+        catalogPath + purpose.suffix
+    }
+
+    /// `acquire`, retried every 200 ms while someone holds the lock, for at most `limit`.
+    public static func acquire(catalogPath: String, holder: String, purpose: Purpose,
+                               waitingUpTo limit: Duration) throws -> CheckpointLock {
+        let deadline = ContinuousClock.now + limit
+        while true {
+            do {
+                return try acquire(catalogPath: catalogPath, holder: holder, purpose: purpose)
+            } catch let held as Held where ContinuousClock.now < deadline {
+                _ = held
+                Thread.sleep(forTimeInterval: 0.2)
+            }
+        }
+    }
 
     /// Takes the checkpoint lock of the catalog at `catalogPath` without waiting, creating
     /// the lock file (0600) and its directory (0700) if needed, and writes this process's
     /// pid, the time and `holder` into it.
     ///
     /// Throws `Held` if someone holds it, `CatalogError` if the file cannot be created or locked.
-    public static func acquire(catalogPath: String, holder: String) throws -> CheckpointLock {
-        let path = lockPath(forCatalog: catalogPath)
+    public static func acquire(catalogPath: String, holder: String, purpose: Purpose = .checkpoint) throws -> CheckpointLock {
+        let path = lockPath(forCatalog: catalogPath, purpose: purpose)
         if let failure = createDirectories(parentDirectory(of: path)) {
             throw CatalogError.lockFile(lockPath: path, operation: "create its directory", reason: failure)
         }
@@ -66,7 +93,11 @@ public final class CheckpointLock: Sendable {
         if rc != 0 {
             let code = errno
             defer { close(fd) }
-            if code == EWOULDBLOCK { throw readHolder(fd, path: path) }
+            if code == EWOULDBLOCK {
+                var held = readHolder(fd, path: path)
+                held.purpose = purpose
+                throw held
+            }
             throw CatalogError.lockFile(lockPath: path, operation: "lock", reason: String(cString: strerror(code)))
         }
         let line = holder.split(whereSeparator: \.isNewline).joined(separator: " ")

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Quiesce
+import QuiesceCatalog
 import QuiesceCore
 
 struct CheckpointCommand: AsyncParsableCommand {
@@ -45,7 +46,14 @@ struct CheckpointCommand: AsyncParsableCommand {
             let status = ExitStatus.of(result)
             if status != .completed { throw ExitCode(status.rawValue) }
             if replicate {
-                let report = try installation.replicate(checkpointID: result.record.id)
+                let report: ReplicationReport
+                do {
+                    report = try installation.replicate(checkpointID: result.record.id)
+                } catch let held as CheckpointLock.Held {
+                    CLI.printError("checkpoint \(result.record.id) completed, but its replication was skipped: \(held) "
+                                   + "(the next `quiesce replicate` sends it)")
+                    throw ExitCode(ExitStatus.locked.rawValue)
+                }
                 if !json { try ReplicationReportText.print(report, json: false) }
                 if report.failed { throw ExitCode(ExitStatus.replicationFailed.rawValue) }
             }

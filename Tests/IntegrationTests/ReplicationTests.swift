@@ -1,5 +1,6 @@
 import Foundation
 import Quiesce
+import QuiesceCatalog
 import QuiesceCore
 import QuiesceSystem
 import QuiesceLab
@@ -341,6 +342,32 @@ struct ReplicationTests {
             #expect(outcome.status == .applied && outcome.resumedAtFrame > 0, "\(outcome)")
             let id = try #require(outcome.checkpoint)
             #expect(try await sameBytes(drStore.imagePath(volume: "vm1", checkpoint: id), "\(world.volume.snapshotDirectory)/\(id).img"))
+        }
+    }
+
+    /// A cron run that overlaps a replication still sending says who is running and exits 75;
+    /// `checkpoint --replicate` keeps its checkpoint and says the next run sends it.
+    @Test func overlappingReplicationRunsSayWhoIsRunningAndExit75() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 64 << 20)) { world in
+            let (site, store) = try await siteWithOneFileTarget(world)
+            _ = try churn(world, round: 1)
+            #expect(try await site.runCLI(["checkpoint"]).status == 0)
+            let running = try CheckpointLock.acquire(catalogPath: site.catalog, holder: "quiesce replicate", purpose: .replication)
+            let busy = "another replication is running: pid \(getpid())"
+            let replicate = try await site.runCLI(["replicate"])
+            #expect(replicate.status == 75 && replicate.stderr.contains(busy), "\(replicate.stderr)")
+            let scrub = try await site.runCLI(["targets", "scrub"])
+            #expect(scrub.status == 75 && scrub.stderr.contains(busy), "\(scrub.stderr)")
+            let both = try await site.runCLI(["checkpoint", "--replicate"])
+            #expect(both.status == 75, "\(both.stderr)")
+            #expect(both.stderr.contains("completed, but its replication was skipped: \(busy)"), "\(both.stderr)")
+            let skipped = try #require(try site.installation().listCheckpoints(limit: 1).first)
+            #expect(skipped.outcome == .completed)
+            #expect(!FileManager.default.fileExists(atPath: store + "/vm1"), "something was sent meanwhile")
+
+            running.release()
+            #expect(try await site.runCLI(["replicate"]).status == 0)
+            #expect(try DRStore(root: store, create: false).latest(volume: "vm1") == skipped.id)
         }
     }
 
