@@ -115,7 +115,9 @@ public final class ReceiverSession: FrameDestination {
             break
         }
         let said = diagnostics()
-        return said.isEmpty ? error : DeltaStreamError.transport("\(text): \(said)")
+        return DeltaStreamError.transport(text + (said.isEmpty ? "" : ": \(said)")
+            + " (the receiver stopped or the connection was cut; it keeps what it made durable, and the next "
+            + "`quiesce replicate` resumes from there)")
     }
 
     public func awaitApplied() throws -> ReceiveSummary? {

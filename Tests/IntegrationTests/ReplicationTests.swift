@@ -431,6 +431,72 @@ struct ReplicationTests {
         }
     }
 
+    /// The connection to a `quiesce://` target cut mid-stream (its server killed): the sender
+    /// says so (exit 8), the store keeps its previous checkpoint, and once the server is back
+    /// the next run resumes from the frames the receiver had made durable.
+    @Test func connectionCutMidStreamLeavesThePreviousCheckpointAndTheNextRunResumes() async throws {
+        try await TestWorld.with(.init(datastoreSize: 1 << 30, imageSize: 256 << 20)) { world in
+            let site = try TestSite(world)
+            let dr = try await mountDRFilesystem(world)
+            let certificates = try TestCertificates.make(in: try world.makeDirectory("tls"))
+            let port = LoopbackPort.free(fallback: 47421)
+            let store = "\(dr)/served"
+            func serve() throws -> ChildProcess {
+                try ChildProcess(try Executables.requireQuiesce(), [
+                    "serve", "--listen", "127.0.0.1:\(port)", "--store", store,
+                    "--cert", certificates.serverCert, "--key", certificates.serverKey, "--client-ca", certificates.ca,
+                ], stdin: .null, stdout: .null, stderr: .null)
+            }
+            var server = try serve()
+            defer { server.signal(SIGKILL); server.wait() }
+            #expect(await eventually(within: .seconds(20)) { SSHServer.accepts(port: port) }, "quiesce serve did not listen")
+            try site.addTargets("""
+                [[target]]
+                name = "dr"
+                url = "quiesce://127.0.0.1:\(port)"
+                cert = "\(certificates.clientCert)"
+                key = "\(certificates.clientKey)"
+                ca = "\(certificates.ca)"
+                bandwidth_limit = "8MiB/s"
+                """)
+            _ = try churn(world, round: 1)
+            #expect(try await site.runCLI(["checkpoint", "--replicate"]).status == 0)
+            let drStore = try DRStore(root: store, create: false)
+            let first = try #require(drStore.latest(volume: "vm1"))
+
+            try randomFile(world.guest + "/bulk", bytes: 48 << 20)
+            world.syncGuestsIgnoringErrors()
+            #expect(try await site.runCLI(["checkpoint"]).status == 0)
+            let sender = try site.startCLI(["replicate", "--json"])
+            let progressed = await eventually(within: .seconds(60), every: .milliseconds(50)) {
+                (drStore.partial(volume: "vm1")?.frames ?? 0) >= 2
+            }
+            #expect(progressed, "the receiver recorded no progress")
+            server.signal(SIGKILL)
+            server.wait()
+            let cut = try await runBlocking { () -> (Int32, String) in
+                let status = sender.wait()
+                return (status, String(decoding: FileHandle(fileDescriptor: sender.stderrFD).readDataToEndOfFile(), as: UTF8.self))
+            }
+            #expect(cut.0 == 8, "\(cut.1)")
+            #expect(cut.1.contains("target dr: writing to target dr: the other side closed the connection")
+                    && cut.1.contains("the next `quiesce replicate` resumes"), "\(cut.1)")
+            #expect(drStore.latest(volume: "vm1") == first, "the store moved on without a whole checkpoint")
+            #expect(try await sameBytes(drStore.imagePath(volume: "vm1", checkpoint: first), "\(world.volume.snapshotDirectory)/\(first).img"))
+            let resumeAt = try #require(drStore.partial(volume: "vm1")?.frames)
+
+            server = try serve()
+            #expect(await eventually(within: .seconds(20)) { SSHServer.accepts(port: port) }, "quiesce serve did not listen again")
+            let again = try await site.runCLI(["replicate", "--json"])
+            #expect(again.status == 0, "\(again.stderr)")
+            let outcome = try #require(try decodeReport(again.stdout).outcomes.first)
+            #expect(outcome.status == .applied && outcome.resumedAtFrame >= resumeAt && resumeAt > 0,
+                    "resumed at \(outcome.resumedAtFrame), receiver had \(resumeAt)")
+            let id = try #require(outcome.checkpoint)
+            #expect(try await sameBytes(drStore.imagePath(volume: "vm1", checkpoint: id), "\(world.volume.snapshotDirectory)/\(id).img"))
+        }
+    }
+
     private func replicateOverTLS(_ site: TestSite, world: TestWorld, certificates: TestCertificates, port: Int,
                                   store: String) async throws {
             #expect(await eventually(within: .seconds(20)) { SSHServer.accepts(port: port) }, "quiesce serve did not listen")
