@@ -409,13 +409,10 @@ struct ReplicationTests {
             let certificates = try TestCertificates.make(in: try world.makeDirectory("tls"))
             let port = LoopbackPort.free(fallback: 47420)
             let store = "\(dr)/served"
-            let server = try ChildProcess(try Executables.requireQuiesce(), [
-                "serve", "--listen", "127.0.0.1:\(port)", "--store", store,
-                "--cert", certificates.serverCert, "--key", certificates.serverKey, "--client-ca", certificates.ca,
-                // This primary's certificate may send vm1 (and a volume it does not have); the
-                // other primary's, from the same CA, only its own volume.
-                "--allow", "quiesce-test-sender=vm1,vm9", "--allow", "other-primary=vm2",
-            ], stdin: .null, stdout: .null, stderr: .pipe)
+            // This primary's certificate may send vm1 (and a volume it does not have); the
+            // other primary's, from the same CA, only its own volume.
+            let server = try startServe(store: store, port: port, certificates: certificates, stderr: .pipe,
+                                        ["--allow", "quiesce-test-sender=vm1,vm9", "--allow", "other-primary=vm2"])
             do {
                 try await replicateOverTLS(site, world: world, certificates: certificates, port: port, store: store)
             } catch {
@@ -441,12 +438,7 @@ struct ReplicationTests {
             let certificates = try TestCertificates.make(in: try world.makeDirectory("tls"))
             let port = LoopbackPort.free(fallback: 47421)
             let store = "\(dr)/served"
-            func serve() throws -> ChildProcess {
-                try ChildProcess(try Executables.requireQuiesce(), [
-                    "serve", "--listen", "127.0.0.1:\(port)", "--store", store,
-                    "--cert", certificates.serverCert, "--key", certificates.serverKey, "--client-ca", certificates.ca,
-                ], stdin: .null, stdout: .null, stderr: .null)
-            }
+            func serve() throws -> ChildProcess { try startServe(store: store, port: port, certificates: certificates) }
             var server = try serve()
             defer { server.signal(SIGKILL); server.wait() }
             #expect(await eventually(within: .seconds(20)) { SSHServer.accepts(port: port) }, "quiesce serve did not listen")
@@ -548,6 +540,15 @@ struct ReplicationTests {
 }
 
 // MARK: - Helpers
+
+/// `quiesce serve` on 127.0.0.1:`port` for `store`, with the test PKI (`extra`: more arguments).
+func startServe(store: String, port: Int, certificates: TestCertificates, stderr: ChildProcess.Stream = .null,
+                _ extra: [String] = []) throws -> ChildProcess {
+    try ChildProcess(try Executables.requireQuiesce(), [
+        "serve", "--listen", "127.0.0.1:\(port)", "--store", store,
+        "--cert", certificates.serverCert, "--key", certificates.serverKey, "--client-ca", certificates.ca,
+    ] + extra, stdin: .null, stdout: .null, stderr: stderr)
+}
 
 /// A second XFS (reflink) filesystem for the DR side, in its own loop device under the world.
 func mountDRFilesystem(_ world: TestWorld) async throws -> String {
