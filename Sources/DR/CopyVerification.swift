@@ -138,26 +138,20 @@ public struct DRVerifier: Sendable {
 
     /// The recorded verification of a checkpoint, if any.
     public func recorded(volume: String, checkpoint: String) -> DRVerification? {
-        guard let data = FileManager.default.contents(atPath: Self.path(store, volume: volume, checkpoint: checkpoint)) else { return nil }
+        guard let data = FileManager.default.contents(atPath: store.verificationPath(volume: volume, checkpoint: checkpoint)) else { return nil }
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601
         return try? decoder.decode(DRVerification.self, from: data)
     }
 
     /// The newest checkpoint of the volume whose recorded verification passed.
-    public func newestVerified(volume: String) -> String? {
-        store.checkpoints(volume: volume).reversed().first { recorded(volume: volume, checkpoint: $0)?.ok == true }
-    }
-
-    static func path(_ store: DRStore, volume: String, checkpoint: String) -> String {
-        "\(store.volumeDirectory(volume))/\(checkpoint).verify.json"
-    }
+    public func newestVerified(volume: String) -> String? { store.newestVerified(volume: volume) }
 
     private func save(_ result: DRVerification, volume: String) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         encoder.dateEncodingStrategy = .iso8601
-        let path = Self.path(store, volume: volume, checkpoint: result.checkpoint)
+        let path = store.verificationPath(volume: volume, checkpoint: result.checkpoint)
         try encoder.encode(result).write(to: URL(fileURLWithPath: path + ".tmp"))
         guard rename(path + ".tmp", path) == 0 else { throw DRError("cannot record \(path): \(String(cString: strerror(errno)))") }
     }

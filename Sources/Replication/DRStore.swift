@@ -48,6 +48,17 @@ public final class DRStore: Sendable {
     public func volumeDirectory(_ volume: String) -> String { "\(root)/\(volume)" }
     public func imagePath(volume: String, checkpoint: String) -> String { "\(root)/\(volume)/\(checkpoint).img" }
     public func manifestPath(volume: String, checkpoint: String) -> String { "\(root)/\(volume)/\(checkpoint).manifest.json" }
+    /// Where `dr verify` (and `--verify` on receipt) records how a checkpoint's copy verified.
+    public func verificationPath(volume: String, checkpoint: String) -> String { "\(root)/\(volume)/\(checkpoint).verify.json" }
+
+    /// The newest checkpoint of the volume whose recorded verification passed, if any.
+    public func newestVerified(volume: String) -> String? {
+        struct Verdict: Decodable { var ok: Bool }
+        return checkpoints(volume: volume).reversed().first { id in
+            guard let data = FileManager.default.contents(atPath: verificationPath(volume: volume, checkpoint: id)) else { return false }
+            return (try? JSONDecoder().decode(Verdict.self, from: data))?.ok == true
+        }
+    }
     func incomingDirectory(_ volume: String) -> String { "\(root)/\(volume)/incoming" }
 
     /// The volumes that have at least one checkpoint, by name.
@@ -89,16 +100,20 @@ public final class DRStore: Sendable {
     }
 
     /// Deletes all but the newest `keep` checkpoints of the volume; returns what it removed.
-    /// `protected` checkpoints (a DR test's base, say) are kept regardless.
+    /// `protected` checkpoints are kept regardless, and so is the newest one that verified:
+    /// newer copies that failed verification (or are not verified yet) never leave the store
+    /// without a copy known to start, the one `failover promote` would use.
     @discardableResult
     public func prune(volume: String, keep: Int, protected: Set<String> = []) throws -> [String] {
         let all = checkpoints(volume: volume)
         guard keep >= 1, all.count > keep else { return [] }
+        let kept = protected.union(newestVerified(volume: volume).map { [$0] } ?? [])
         var removed: [String] = []
-        for id in all.dropLast(keep) where !protected.contains(id) {
+        for id in all.dropLast(keep) where !kept.contains(id) {
             // Image first: without it the checkpoint no longer exists, a stray manifest is harmless.
             try? FileManager.default.removeItem(atPath: imagePath(volume: volume, checkpoint: id))
             try? FileManager.default.removeItem(atPath: manifestPath(volume: volume, checkpoint: id))
+            try? FileManager.default.removeItem(atPath: verificationPath(volume: volume, checkpoint: id))
             removed.append(id)
         }
         try Durable.syncDirectory(volumeDirectory(volume))

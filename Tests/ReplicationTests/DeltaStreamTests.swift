@@ -202,6 +202,36 @@ import Testing
         }
     }
 
+    /// Copies that fail verification never push the newest verified one out of the store:
+    /// it stays beyond `keep` until a newer one verifies.
+    @Test func retentionKeepsTheNewestVerifiedCheckpointBeyondKeep() throws {
+        try withTemporaryDirectory { directory in
+            let store = try DRStore(root: directory + "/store", create: true)
+            let ids = (1...5).map { "20261125T12000\($0)000Z" }
+            func receive(_ id: String) throws {
+                let header = DeltaStreamHeader(volume: "vm1", imageSize: Self.imageSize, base: nil, target: id)
+                _ = try Receiver.receive(from: MemorySource(try Self.stream(Self.chunks(), header: header)), into: store, keep: 2)
+            }
+            func record(_ id: String, ok: Bool) throws {
+                try Data("{\"ok\": \(ok)}".utf8).write(to: URL(fileURLWithPath: store.verificationPath(volume: "vm1", checkpoint: id)))
+            }
+            try receive(ids[0])
+            try record(ids[0], ok: true)
+            for id in ids[1...3] {
+                try receive(id)
+                try record(id, ok: false)
+            }
+            #expect(store.checkpoints(volume: "vm1") == [ids[0], ids[2], ids[3]])
+            #expect(store.newestVerified(volume: "vm1") == ids[0])
+            // A pruned checkpoint's verification record goes with it.
+            #expect(!FileManager.default.fileExists(atPath: store.verificationPath(volume: "vm1", checkpoint: ids[1])))
+
+            try record(ids[3], ok: true)
+            try receive(ids[4])
+            #expect(store.checkpoints(volume: "vm1") == [ids[3], ids[4]])
+        }
+    }
+
     @Test func aNonEmptyDirectoryIsNotTurnedIntoAStore() throws {
         try withTemporaryDirectory { directory in
             try Data("precious".utf8).write(to: URL(fileURLWithPath: directory + "/notes.txt"))
