@@ -187,7 +187,9 @@ struct MailboxWriterTests {
         // A delivery during the freeze is not blocked: it lands in new/ without a UID.
         let started = ContinuousClock.now
         #expect(try fixture.deliver("bob", 99).succeeded)
-        #expect(ContinuousClock.now - started < .seconds(5))
+        // Blocked, it would wait for the thaw below, or be killed at its 30 s limit and fail;
+        // loose for loaded machines.
+        #expect(ContinuousClock.now - started < .seconds(20))
         let uidlist = try String(contentsOfFile: fixture.root + "/bob/dovecot-uidlist", encoding: .utf8)
         #expect(!uidlist.contains("bob-99"))
 
