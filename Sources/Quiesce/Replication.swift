@@ -29,6 +29,9 @@ public struct TargetOutcome: Sendable, Codable {
     /// Bytes read from the snapshots for this delta (shared by the targets that took it).
     public var bytesRead: UInt64 = 0
     public var seconds: Double = 0
+    /// The target fell behind the others and got the stream from this frame on from a second
+    /// read of the snapshot (so that it did not pace them).
+    public var rereadFromFrame: UInt64?
     /// The receiver's verification of the copy; nil when it does not verify.
     public var verified: Bool?
     public var verifyFailures: [String]?
@@ -181,6 +184,7 @@ extension Installation {
                                                 seconds: report.seconds)
                     outcome.verified = sent.applied?.verification?.ok
                     outcome.verifyFailures = sent.applied?.verification?.failures
+                    outcome.rereadFromFrame = sent.rereadFromFrame
                     if sent.error == nil {
                         do {
                             try catalog.acknowledge(target: member.target.name, volume: volume.name, checkpointID: record.id,

@@ -18,6 +18,9 @@ final class ReadAhead: @unchecked Sendable {
     private var results: [Int: Result<[UInt8], Error>] = [:]
     private var closed = false
     private var running = 0
+    /// Reads start at the consumer's first `take`: pieces it skips before (a resumed stream's
+    /// first frames) are never read.
+    private var started = false
 
     init(fd: Int32, path: String, pieces: [Piece], depth: Int = 16, threads: Int = 4) {
         self.fd = fd
@@ -36,6 +39,10 @@ final class ReadAhead: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         precondition(index == consumed, "read-ahead pieces are taken in order")
+        if !started {
+            started = true
+            condition.broadcast()
+        }
         while results[index] == nil { condition.wait() }
         // A failed read stays in place: the caller may try the same piece again (and gets
         // the same error), never the next one by mistake.
@@ -69,7 +76,7 @@ final class ReadAhead: @unchecked Sendable {
     private func work() {
         condition.lock()
         while true {
-            while !closed, issued < pieces.count, issued >= consumed + depth { condition.wait() }
+            while !closed, issued < pieces.count, !started || issued >= consumed + depth { condition.wait() }
             if closed || issued >= pieces.count { break }
             let index = issued
             issued += 1

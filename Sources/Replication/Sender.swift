@@ -202,6 +202,8 @@ public struct SendReport: Sendable {
         /// The receiver's report (sessions), or nil for a pipe.
         public var applied: ReceiveSummary?
         public var error: String?
+        /// It fell behind the others and got the stream from this frame on from a second read.
+        public var rereadFromFrame: UInt64?
     }
     public var volume: String
     public var base: String?
@@ -217,24 +219,19 @@ public struct SendReport: Sendable {
 
 /// Reads a delta once and streams it to every destination, each from its own resume
 /// point. A destination that fails is dropped; the others go on.
+///
+/// With several destinations each gets its frames through a queue of its own (at most
+/// `laneBuffer` bytes), so a slow one (a WAN link) does not pace a fast one (a local store).
+/// A destination that falls that far behind is detached: the others finish (trailer and
+/// answer) at their own pace, then the detached ones get the rest of the stream from a second
+/// read of the snapshots, from the frame where each fell behind. Only they cost a re-read.
 public enum DeltaSender {
-    public static func send(_ plan: DeltaPlan, to destinations: [FrameDestination]) throws -> SendReport {
+    public static let defaultLaneBuffer = 64 << 20
+
+    public static func send(_ plan: DeltaPlan, to destinations: [FrameDestination],
+                            laneBuffer: Int = DeltaSender.defaultLaneBuffer) throws -> SendReport {
         let started = Date()
         let size = try imageSize(plan.targetImage)
-        let reader = try DeltaReader(target: plan.targetImage, base: plan.baseImage, ranges: plan.ranges,
-                                     chunkSize: plan.frameBytes)
-
-        final class Lane {
-            let destination: FrameDestination
-            var resume: UInt64 = 0
-            var chain: DigestChain
-            var error: String?
-            var applied: ReceiveSummary?
-            init(_ destination: FrameDestination, chain: DigestChain) {
-                self.destination = destination
-                self.chain = chain
-            }
-        }
         var lanes: [Lane] = []
         for destination in destinations {
             let header = DeltaStreamHeader(volume: plan.volume, imageSize: size, base: plan.base, target: plan.manifest.id,
@@ -248,51 +245,148 @@ public enum DeltaSender {
             }
             lanes.append(lane)
         }
-        // One encoder per compression setting: a frame is compressed once for all who take it.
-        var encoders: [Int32: FrameEncoder] = [:]
-        let plainEncoder = FrameEncoder(compressionLevel: nil)
-        func encoder(_ level: Int32?) -> FrameEncoder {
-            guard let level else { return plainEncoder }
-            if let existing = encoders[level] { return existing }
-            let made = FrameEncoder(compressionLevel: level)
-            encoders[level] = made
-            return made
+        let queued = lanes.count > 1
+        if queued {
+            for lane in lanes where lane.error == nil { lane.writer = LaneWriter(lane.destination, capacity: laneBuffer) }
+        }
+        // A failed read ends the send: no writer thread outlives it.
+        defer { for lane in lanes { lane.writer?.abandon() } }
+
+        // The first pass: every lane, queued lanes detached when they fall behind.
+        for lane in lanes { lane.start = lane.resume }
+        var pass = try stream(plan, to: lanes, detaching: queued)
+        var bytesRead = pass.bytesRead
+        for lane in lanes where lane.detachedAt == nil { lane.finishWriting() }
+        finish(lanes.filter { $0.detachedAt == nil }, pass, plan)
+
+        // The detached lanes: the rest of their stream from a second read, in step with each other.
+        let detached = lanes.filter { $0.detachedAt != nil }
+        if !detached.isEmpty {
+            for lane in detached {
+                lane.finishWriting()
+                lane.start = max(lane.resume, lane.detachedAt!)
+            }
+            pass = try stream(plan, to: detached, detaching: false)
+            bytesRead += pass.bytesRead
+            finish(detached, pass, plan)
+        }
+        return SendReport(volume: plan.volume, base: plan.base, checkpoint: plan.manifest.id, frames: pass.frames,
+                          dataBytes: pass.dataBytes, zeroBytes: pass.zeroBytes, bytesRead: bytesRead,
+                          seconds: Date().timeIntervalSince(started),
+                          destinations: lanes.map {
+                              .init(name: $0.destination.name, resumedAtFrame: $0.resume, bytesSent: $0.destination.bytesSent,
+                                    applied: $0.applied, error: $0.error, rereadFromFrame: $0.detachedAt)
+                          })
+    }
+
+    /// One destination's progress through the stream.
+    final class Lane {
+        let destination: FrameDestination
+        var resume: UInt64 = 0
+        /// The first frame it takes in the current pass.
+        var start: UInt64 = 0
+        var chain: DigestChain
+        var error: String?
+        var applied: ReceiveSummary?
+        /// Frames go through this queue (several destinations); nil: sent in the reading thread.
+        var writer: LaneWriter?
+        /// The first frame this lane did not get in the first pass (it fell behind).
+        var detachedAt: UInt64?
+
+        init(_ destination: FrameDestination, chain: DigestChain) {
+            self.destination = destination
+            self.chain = chain
         }
 
+        /// Waits for the queued frames to be sent (or to fail), then sends directly.
+        func finishWriting() {
+            guard let writer else { return }
+            if let failure = writer.finish(), error == nil { error = failure }
+            self.writer = nil
+        }
+    }
+
+    /// What one pass read: the whole stream's totals (from frame 0), and what it read from disk.
+    struct Pass {
+        var frames: UInt64 = 0
+        var dataBytes: UInt64 = 0
+        var zeroBytes: UInt64 = 0
+        var bytesRead: UInt64 = 0
+    }
+
+    /// Reads the delta and gives each lane the frames from its `start` on. With `detaching`, a
+    /// lane whose queue is full stops getting frames (`detachedAt`).
+    static func stream(_ plan: DeltaPlan, to lanes: [Lane], detaching: Bool) throws -> Pass {
+        let reader = try DeltaReader(target: plan.targetImage, base: plan.baseImage, ranges: plan.ranges,
+                                     chunkSize: plan.frameBytes)
+        // One encoder per compression setting: a frame is compressed once for all who take it.
+        var encoders: [Int32?: FrameEncoder] = [:]
+        var pass = Pass()
         var sequence: UInt64 = 0
-        var dataBytes: UInt64 = 0, zeroBytes: UInt64 = 0
         while true {
-            let active = lanes.filter { $0.error == nil }
-            let needed = active.contains { $0.resume <= sequence }
-            guard let chunk = try reader.next(payload: needed) else { break }
+            let takers = lanes.filter { lane in
+                lane.error == nil && lane.start <= sequence && lane.writer?.failure == nil
+                    && !(detaching && lane.detachedAt != nil)
+            }
+            guard let chunk = try reader.next(payload: !takers.isEmpty) else { break }
             switch chunk.kind {
-            case .data: dataBytes += chunk.length
-            case .zero: zeroBytes += chunk.length
+            case .data: pass.dataBytes += chunk.length
+            case .zero: pass.zeroBytes += chunk.length
             }
             var encoded: [Int32?: EncodedFrame] = [:]
-            for lane in active where lane.resume <= sequence {
+            for lane in takers {
                 let level = lane.destination.compressionLevel
-                let frame = encoded[level] ?? encoder(level).encode(chunk, sequence: sequence)
+                let frame = encoded[level] ?? {
+                    let encoder = encoders[level] ?? FrameEncoder(compressionLevel: level)
+                    encoders[level] = encoder
+                    return encoder.encode(chunk, sequence: sequence)
+                }()
                 encoded[level] = frame
-                do {
-                    try lane.destination.send(frame)
+                if let writer = lane.writer {
+                    // A full queue is only falling behind when another target is waiting for
+                    // frames; if all are busy, the reader waits instead.
+                    var queued = writer.offer(frame)
+                    while !queued {
+                        let others = lanes.filter { $0 !== lane && $0.detachedAt == nil && $0.error == nil }
+                            .compactMap(\.writer).filter { $0.failure == nil }
+                        if others.contains(where: \.isIdle) { break }
+                        writer.waitForSpace(upTo: .milliseconds(20))
+                        queued = writer.offer(frame)
+                    }
+                    guard queued else {
+                        lane.detachedAt = sequence
+                        continue
+                    }
                     lane.chain.append(frame.header)
-                } catch {
-                    lane.error = "\(error)"
+                } else {
+                    do {
+                        try lane.destination.send(frame)
+                        lane.chain.append(frame.header)
+                    } catch {
+                        lane.error = "\(error)"
+                    }
                 }
             }
             sequence += 1
         }
+        pass.frames = sequence
+        pass.bytesRead = reader.bytesRead
+        return pass
+    }
+
+    /// Sends every lane its trailer, then collects their answers: the receivers finish (and
+    /// verify) side by side.
+    static func finish(_ lanes: [Lane], _ pass: Pass, _ plan: DeltaPlan) {
+        let plainEncoder = FrameEncoder(compressionLevel: nil)
         for lane in lanes where lane.error == nil {
             do {
-                let trailer = DeltaTrailer(frames: sequence, dataBytes: dataBytes, zeroBytes: zeroBytes,
+                let trailer = DeltaTrailer(frames: pass.frames, dataBytes: pass.dataBytes, zeroBytes: pass.zeroBytes,
                                            digest: lane.chain.hex, manifest: plan.manifest, environment: plan.environment)
-                try lane.destination.sendTrailer(try plainEncoder.trailer(trailer, sequence: sequence))
+                try lane.destination.sendTrailer(try plainEncoder.trailer(trailer, sequence: pass.frames))
             } catch {
                 lane.error = "\(error)"
             }
         }
-        // Every receiver is finishing (and verifying) by now; collect their reports.
         for lane in lanes where lane.error == nil {
             do {
                 lane.applied = try lane.destination.awaitApplied()
@@ -300,13 +394,6 @@ public enum DeltaSender {
                 lane.error = "\(error)"
             }
         }
-        return SendReport(volume: plan.volume, base: plan.base, checkpoint: plan.manifest.id, frames: sequence,
-                          dataBytes: dataBytes, zeroBytes: zeroBytes, bytesRead: reader.bytesRead,
-                          seconds: Date().timeIntervalSince(started),
-                          destinations: lanes.map {
-                              .init(name: $0.destination.name, resumedAtFrame: $0.resume, bytesSent: $0.destination.bytesSent,
-                                    applied: $0.applied, error: $0.error)
-                          })
     }
 
     static func imageSize(_ path: String) throws -> UInt64 {
@@ -315,5 +402,106 @@ public enum DeltaSender {
             throw DeltaStreamError.transport("cannot stat snapshot \(path): \(String(cString: strerror(errno)))")
         }
         return UInt64(info.st_size)
+    }
+}
+
+/// A destination's queue of frames, sent on a thread of its own; holds at most `capacity`
+/// bytes (and always at least one frame).
+final class LaneWriter: @unchecked Sendable {
+    private let destination: FrameDestination
+    private let capacity: Int
+    // Guarded by `condition`.
+    private let condition = NSCondition()
+    private var queue: [EncodedFrame] = []
+    private var head = 0
+    private var queuedBytes = 0
+    private var closed = false
+    private var done = false
+    private var failed: String?
+
+    init(_ destination: FrameDestination, capacity: Int) {
+        self.destination = destination
+        self.capacity = capacity
+        Thread { [self] in run() }.start()
+    }
+
+    /// Why sending failed, if it did (frames offered after are dropped).
+    var failure: String? { condition.withLock { failed } }
+
+    /// Nothing queued: the destination is waiting for the reader.
+    var isIdle: Bool { condition.withLock { queuedBytes == 0 } }
+
+    /// Waits until a frame was sent (or `limit` passed).
+    func waitForSpace(upTo limit: Duration) {
+        condition.withLock {
+            let before = queuedBytes
+            let deadline = Date().addingTimeInterval(limit.seconds)
+            while queuedBytes == before && failed == nil && !done {
+                if !condition.wait(until: deadline) { return }
+            }
+        }
+    }
+
+    /// Queues a frame; false (and nothing queued) when the queue is full.
+    func offer(_ frame: EncodedFrame) -> Bool {
+        condition.withLock {
+            if queuedBytes > 0 && queuedBytes + frame.bytes.count > capacity { return false }
+            queue.append(frame)
+            queuedBytes += frame.bytes.count
+            condition.broadcast()
+            return true
+        }
+    }
+
+    /// Drops what is queued and waits for the frame being sent, if any.
+    func abandon() {
+        condition.withLock {
+            closed = true
+            queuedBytes -= queue[head...].reduce(0) { $0 + $1.bytes.count }
+            queue.removeAll()
+            head = 0
+            condition.broadcast()
+            while !done { condition.wait() }
+        }
+    }
+
+    /// Waits until every queued frame was sent (or sending failed); returns the failure.
+    func finish() -> String? {
+        condition.withLock {
+            closed = true
+            condition.broadcast()
+            while !done { condition.wait() }
+            return failed
+        }
+    }
+
+    private func run() {
+        while true {
+            condition.lock()
+            while head == queue.count && !closed { condition.wait() }
+            if head == queue.count {
+                done = true
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            let frame = queue[head]
+            head += 1
+            if head > 1024 {
+                queue.removeFirst(head)
+                head = 0
+            }
+            let failedAlready = failed != nil
+            condition.unlock()
+            var problem: String?
+            if !failedAlready {
+                do { try destination.send(frame) } catch { problem = "\(error)" }
+            }
+            condition.withLock {
+                if let problem, failed == nil { failed = problem }
+                queuedBytes -= frame.bytes.count
+                condition.broadcast()
+            }
+        }
     }
 }
