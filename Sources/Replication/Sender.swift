@@ -256,10 +256,12 @@ public enum DeltaSender {
         for lane in lanes { lane.start = lane.resume }
         var pass = try stream(plan, to: lanes, detaching: queued)
         var bytesRead = pass.bytesRead
-        for lane in lanes where lane.detachedAt == nil { lane.finishWriting() }
-        finish(lanes.filter { $0.detachedAt == nil }, pass, plan)
+        let kept = lanes.filter { $0.detachedAt == nil }
+        for lane in kept { lane.finishWriting() }
+        sendTrailers(kept, pass, plan)
 
-        // The detached lanes: the rest of their stream from a second read, in step with each other.
+        // The detached lanes: the rest of their stream from a second read, in step with each
+        // other, while the others apply (and verify) what they got.
         let detached = lanes.filter { $0.detachedAt != nil }
         if !detached.isEmpty {
             for lane in detached {
@@ -268,8 +270,9 @@ public enum DeltaSender {
             }
             pass = try stream(plan, to: detached, detaching: false)
             bytesRead += pass.bytesRead
-            finish(detached, pass, plan)
+            sendTrailers(detached, pass, plan)
         }
+        awaitAnswers(lanes)
         return SendReport(volume: plan.volume, base: plan.base, checkpoint: plan.manifest.id, frames: pass.frames,
                           dataBytes: pass.dataBytes, zeroBytes: pass.zeroBytes, bytesRead: bytesRead,
                           seconds: Date().timeIntervalSince(started),
@@ -374,9 +377,9 @@ public enum DeltaSender {
         return pass
     }
 
-    /// Sends every lane its trailer, then collects their answers: the receivers finish (and
-    /// verify) side by side.
-    static func finish(_ lanes: [Lane], _ pass: Pass, _ plan: DeltaPlan) {
+    /// Sends every lane its trailer; the answers are collected later (`awaitAnswers`), so the
+    /// receivers finish (and verify) side by side.
+    static func sendTrailers(_ lanes: [Lane], _ pass: Pass, _ plan: DeltaPlan) {
         let plainEncoder = FrameEncoder(compressionLevel: nil)
         for lane in lanes where lane.error == nil {
             do {
@@ -387,6 +390,9 @@ public enum DeltaSender {
                 lane.error = "\(error)"
             }
         }
+    }
+
+    static func awaitAnswers(_ lanes: [Lane]) {
         for lane in lanes where lane.error == nil {
             do {
                 lane.applied = try lane.destination.awaitApplied()
