@@ -209,7 +209,7 @@ struct ReplicateCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "replicate",
         abstract: "Ship each volume's newest checkpoint to every DR target (or --target).",
-        discussion: "Each target says which checkpoint it has; it gets the delta from there (a full stream the first time). A delta is read once for every target that needs it. Exit 8 if any target failed (the others still got the checkpoint)."
+        discussion: "Each target says which checkpoint it has; it gets the delta from there (a full stream the first time). A delta is read once for every target that needs it (again only for a target that falls 64 MiB behind the others, so that it does not pace them). Each target has a `timeout`: one that takes no bytes and says nothing that long is given up on. Exit 8 if any target failed (the others still got the checkpoint)."
     )
 
     @OptionGroup var options: ConfigOptions

@@ -22,12 +22,8 @@ struct ReplicationTests {
                     name = "local"
                     url = "file://\(dr)/local"
 
-                    [[target]]
-                    name = "remote"
-                    url = "ssh://root@127.0.0.1\(dr)/remote"
-                    ssh_options = [\(server.clientOptions.map { "\"\($0)\"" }.joined(separator: ", "))]
-                    remote_command = "\(try Executables.requireQuiesce())"
-                    compress = "zstd"
+                    \(server.target("remote", store: "\(dr)/remote", remoteCommand: try Executables.requireQuiesce(),
+                                    "compress = \"zstd\""))
                     """)
                 var previousSnapshot: String?
                 for round in 1...3 {
@@ -192,12 +188,7 @@ struct ReplicationTests {
                     verify = true
                     timeout = "1s"
 
-                    [[target]]
-                    name = "hung"
-                    url = "ssh://root@127.0.0.1\(dr)/hung"
-                    ssh_options = [\(server.clientOptions.map { "\"\($0)\"" }.joined(separator: ", "))]
-                    remote_command = "\(hung)"
-                    timeout = "2s"
+                    \(server.target("hung", store: "\(dr)/hung", remoteCommand: hung, "timeout = \"2s\""))
                     """)
                 _ = try churn(world, round: 1)
                 #expect(try await site.runCLI(["checkpoint"]).status == 0)
@@ -568,6 +559,20 @@ func siteWithOneFileTarget(_ world: TestWorld, _ settings: String = "") async th
     let store = "\(try await mountDRFilesystem(world))/store"
     try site.addTargets("[[target]]\nname = \"dr\"\nurl = \"file://\(store)\"\n\(settings)")
     return (site, store)
+}
+
+extension SSHServer {
+    /// A `[[target]]` table for a store on this server, reached as root over ssh://.
+    func target(_ name: String, store: String, remoteCommand: String, _ settings: String = "") -> String {
+        """
+        [[target]]
+        name = "\(name)"
+        url = "ssh://root@127.0.0.1\(store)"
+        ssh_options = [\(clientOptions.map { "\"\($0)\"" }.joined(separator: ", "))]
+        remote_command = "\(remoteCommand)"
+        \(settings)
+        """
+    }
 }
 
 extension TestSite {
