@@ -312,11 +312,10 @@ extension Installation {
 
     static let readingHolderPrefix = "replication in progress (pid "
 
+    /// The replication lock; nil `wait`: one attempt.
     func replicationLock(_ holder: String, waitingUpTo wait: Duration?) throws -> CheckpointLock {
-        if let wait {
-            return try CheckpointLock.acquire(catalogPath: configuration.catalog, holder: holder, purpose: .replication, waitingUpTo: wait)
-        }
-        return try CheckpointLock.acquire(catalogPath: configuration.catalog, holder: holder, purpose: .replication)
+        try CheckpointLock.acquire(catalogPath: configuration.catalog, holder: holder, purpose: .replication,
+                                   waitingUpTo: wait ?? .zero)
     }
 
     private func releaseHoldsOfDeadRuns(_ catalog: Catalog) {

@@ -67,8 +67,7 @@ public final class CheckpointLock: Sendable {
         while true {
             do {
                 return try acquire(catalogPath: catalogPath, holder: holder, purpose: purpose)
-            } catch let held as Held where ContinuousClock.now < deadline {
-                _ = held
+            } catch is Held where ContinuousClock.now < deadline {
                 Thread.sleep(forTimeInterval: 0.2)
             }
         }

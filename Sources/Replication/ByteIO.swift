@@ -109,8 +109,7 @@ public final class FileDescriptorStream: ByteSource, ByteSink {
                     + "(a hung receiver or a silent network; the target's `timeout` sets how long to wait)")
             }
             var entry = pollfd(fd: fd, events: Int16(events), revents: 0)
-            let milliseconds = Int32(clamping: max(1, (left.components.seconds * 1000) + left.components.attoseconds / 1_000_000_000_000_000))
-            let ready = poll(&entry, 1, milliseconds)
+            let ready = poll(&entry, 1, Int32(clamping: Int(left.milliseconds.rounded(.up))))
             if ready > 0 { return }
             if ready < 0 && errno != EINTR {
                 throw DeltaStreamError.transport("waiting for \(what): \(String(cString: strerror(errno)))")

@@ -108,12 +108,11 @@ public final class ReceiverSession: FrameDestination {
     /// the sender sees only a closed pipe. Its last answer, or what it printed, is the reason.
     private func explained(_ error: Error) -> Error {
         guard let streamError = error as? DeltaStreamError, case .transport(let text) = streamError else { return error }
-        while let line = try? source.readLine(),
-              let reply = try? JSONDecoder().decode(SessionReply.self, from: Data(line.utf8)) {
-            if reply.keepalive == true { continue }
-            if !reply.ok, let reason = reply.error { return DeltaStreamError.peer(reason) }
-            break
-        }
+        do {
+            _ = try readReply("the stream")
+        } catch let refusal as DeltaStreamError {
+            if case .peer = refusal { return refusal }
+        } catch {}
         let said = diagnostics()
         return DeltaStreamError.transport(text + (said.isEmpty ? "" : ": \(said)")
             + " (the receiver stopped or the connection was cut; it keeps what it made durable, and the next "
